@@ -1,0 +1,253 @@
+"""Typed payloads <-> protobuf messages, in `x_to_proto` / `x_from_proto` pairs.
+
+The only module that knows both the math's payloads and the wire's messages. Every decoder
+validates before it returns (dimension, counts, lengths of packed fields, index range and order,
+level range, NaN/Inf, round and worker id) and raises `DecodeError` naming the field; nothing it
+returns can corrupt the aggregate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from threepc.common import bitpack
+from threepc.common.errors import DecodeError
+from threepc.common.payloads import (
+    DenseVector,
+    Grid,
+    IndexRule,
+    Message,
+    Mode,
+    QuantizedVector,
+    SeededSparseVector,
+    SignVector,
+    SparseVector,
+    VectorPayload,
+)
+from threepc.proto.threepc_pb2 import DenseVector as ProtoDenseVector
+from threepc.proto.threepc_pb2 import Diagnostics as ProtoDiagnostics
+from threepc.proto.threepc_pb2 import Dtype as ProtoDtype
+from threepc.proto.threepc_pb2 import Part as ProtoPart
+from threepc.proto.threepc_pb2 import QuantizedVector as ProtoQuantizedVector
+from threepc.proto.threepc_pb2 import Round as ProtoRound
+from threepc.proto.threepc_pb2 import SeededSparseVector as ProtoSeededSparseVector
+from threepc.proto.threepc_pb2 import SignVector as ProtoSignVector
+from threepc.proto.threepc_pb2 import SparseVector as ProtoSparseVector
+from threepc.proto.threepc_pb2 import Update as ProtoUpdate
+
+# ----------------------------------------------------------------------------- values
+
+_DTYPE_TO_PROTO = {
+    "float64": ProtoDtype.FLOAT64,
+    "float32": ProtoDtype.FLOAT32,
+    "float16": ProtoDtype.FLOAT16,
+    "bfloat16": ProtoDtype.BFLOAT16,
+}
+_DTYPE_FROM_PROTO = {v: k for k, v in _DTYPE_TO_PROTO.items()}
+_NUMPY = {"float64": "<f8", "float32": "<f4", "float16": "<f2"}
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def values_to_bytes(values: np.ndarray, dtype: str) -> bytes:
+    """Little-endian bytes of `values` (already rounded to `dtype`); bfloat16 as float32's top half."""
+    if dtype == "bfloat16":
+        top = np.ascontiguousarray(values, dtype="<f4").view("<u4") >> 16
+        return top.astype("<u2").tobytes()
+    return np.ascontiguousarray(values, dtype=_NUMPY[dtype]).tobytes()
+
+
+def values_from_bytes(data: bytes, proto_dtype: int, count: int, field: str) -> tuple[np.ndarray, str]:
+    """`count` finite values from `data`; DecodeError on a wrong dtype, length or NaN/Inf."""
+    dtype = _DTYPE_FROM_PROTO.get(proto_dtype)
+    if dtype is None:
+        raise DecodeError(f"{field}: unknown dtype {proto_dtype}")
+    if len(data) != count * _ITEMSIZE[dtype]:
+        raise DecodeError(
+            f"{field}: {len(data)} bytes, expected {count} {dtype} values = {count * _ITEMSIZE[dtype]} bytes"
+        )
+    if dtype == "bfloat16":
+        values = (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32)
+    else:
+        values = np.frombuffer(data, _NUMPY[dtype])
+    if not np.isfinite(values).all():
+        raise DecodeError(f"{field}: contains NaN or Inf")
+    return values, dtype
+
+
+# ----------------------------------------------------------------------------- vector payloads
+
+
+def part_to_proto(part: VectorPayload) -> ProtoPart:
+    if isinstance(part, DenseVector):
+        return ProtoPart(
+            dense=ProtoDenseVector(dtype=_DTYPE_TO_PROTO[part.dtype], values=values_to_bytes(part.values, part.dtype))
+        )
+    if isinstance(part, SparseVector):
+        coding, packed, _ = bitpack.encode_indices(part.indices, part.size)
+        return ProtoPart(
+            sparse=ProtoSparseVector(
+                count=int(part.indices.size),
+                index_coding=int(coding),
+                indices=packed,
+                dtype=_DTYPE_TO_PROTO[part.dtype],
+                values=values_to_bytes(part.values, part.dtype),
+            )
+        )
+    if isinstance(part, SeededSparseVector):
+        return ProtoPart(
+            seeded=ProtoSeededSparseVector(
+                rule=int(part.rule),
+                seed=part.seed,
+                count=int(part.values.size),
+                block=part.block,
+                blocks=part.blocks,
+                dtype=_DTYPE_TO_PROTO[part.dtype],
+                values=values_to_bytes(part.values, part.dtype),
+            )
+        )
+    if isinstance(part, QuantizedVector):
+        return ProtoPart(
+            quantized=ProtoQuantizedVector(
+                grid=int(part.grid),
+                levels=part.levels,
+                scale=part.scale,
+                offset=part.offset,
+                signed=part.negative is not None,
+                signs=bitpack.pack_bits(part.negative) if part.negative is not None else b"",
+                level_bits=part.level_bits,
+                level_codes=bitpack.pack_uints(part.level_codes, part.level_bits),
+                seed=part.seed,
+            )
+        )
+    if isinstance(part, SignVector):
+        return ProtoPart(
+            sign=ProtoSignVector(
+                scale=part.scale,
+                signs=bitpack.pack_bits(part.negative),
+                rotation_seed=part.rotation_seed,
+                rotated=part.rotated,
+            )
+        )
+    raise TypeError(f"no wire form for {type(part).__name__}")
+
+
+def _finite(value: float, field: str) -> float:
+    if not math.isfinite(value):
+        raise DecodeError(f"{field}: not finite ({value})")
+    return value
+
+
+def part_from_proto(proto: ProtoPart, d: int, field: str = "part") -> VectorPayload:
+    """A validated vector payload of dimension d."""
+    kind = proto.WhichOneof("kind")
+    if kind == "dense":
+        values, dtype = values_from_bytes(proto.dense.values, proto.dense.dtype, d, f"{field}.dense.values")
+        return DenseVector(values, dtype)
+    if kind == "sparse":
+        sp = proto.sparse
+        if sp.count > d:
+            raise DecodeError(f"{field}.sparse.count: {sp.count} > d = {d}")
+        indices = bitpack.decode_indices(sp.index_coding, sp.indices, sp.count, d)
+        values, dtype = values_from_bytes(sp.values, sp.dtype, sp.count, f"{field}.sparse.values")
+        return SparseVector(d, indices, values, dtype)
+    if kind == "seeded":
+        ss = proto.seeded
+        if ss.rule not in IndexRule._value2member_map_:
+            raise DecodeError(f"{field}.seeded.rule: unknown rule {ss.rule}")
+        rule = IndexRule(ss.rule)
+        if ss.count > d:
+            raise DecodeError(f"{field}.seeded.count: {ss.count} > d = {d}")
+        if rule is IndexRule.PERM_K and not (0 < ss.blocks <= d and ss.block < ss.blocks):
+            raise DecodeError(f"{field}.seeded: block {ss.block} of {ss.blocks} invalid for d = {d}")
+        values, dtype = values_from_bytes(ss.values, ss.dtype, ss.count, f"{field}.seeded.values")
+        payload = SeededSparseVector(rule, ss.seed, values, ss.block, ss.blocks, dtype)
+        if rule is IndexRule.PERM_K and payload.indices(d).size != ss.count:
+            raise DecodeError(f"{field}.seeded.count: {ss.count} values for a block of {payload.indices(d).size}")
+        return payload
+    if kind == "quantized":
+        q = proto.quantized
+        if q.grid not in Grid._value2member_map_:
+            raise DecodeError(f"{field}.quantized.grid: unknown grid {q.grid}")
+        if not 1 <= q.level_bits <= 32:
+            raise DecodeError(f"{field}.quantized.level_bits: {q.level_bits} not in [1, 32]")
+        grid = Grid(q.grid)
+        codes = bitpack.unpack_uints(q.level_codes, d, q.level_bits)
+        top = 254 if grid is Grid.EXPONENT else (q.levels - 1 if grid is Grid.RANGE else q.levels)
+        if codes.size and int(codes.max()) > top:
+            raise DecodeError(f"{field}.quantized.level_codes: level {int(codes.max())} > {top}")
+        negative = bitpack.unpack_bits(q.signs, d) if q.signed else None
+        return QuantizedVector(
+            grid,
+            q.levels,
+            _finite(q.scale, f"{field}.quantized.scale"),
+            codes.astype(np.uint32),
+            q.level_bits,
+            negative,
+            _finite(q.offset, f"{field}.quantized.offset"),
+            q.seed,
+        )
+    if kind == "sign":
+        s = proto.sign
+        return SignVector(
+            _finite(s.scale, f"{field}.sign.scale"), bitpack.unpack_bits(s.signs, d), s.rotation_seed, s.rotated
+        )
+    raise DecodeError(f"{field}: unknown or missing payload kind")
+
+
+# ----------------------------------------------------------------------------- round messages
+
+
+def message_to_proto(t: int, worker_id: int, message: Message) -> ProtoUpdate:
+    return ProtoUpdate(
+        round=t,
+        worker_id=worker_id,
+        mode=int(message.mode),
+        parts=[part_to_proto(p) for p in message.parts],
+        flag_bits=message.flag_bits,
+    )
+
+
+MAX_PARTS = 4  # the largest composition (3PCv3 over 3PCv2) sends three parts
+
+
+def message_from_proto(proto: ProtoUpdate, d: int, t: int, worker_id: int) -> Message:
+    """A validated Message for round t from worker `worker_id`, dimension d."""
+    if proto.round != t:
+        raise DecodeError(f"update.round: {proto.round}, expected the current round {t}")
+    if proto.worker_id != worker_id:
+        raise DecodeError(f"update.worker_id: {proto.worker_id}, but this stream speaks for worker {worker_id}")
+    if proto.mode not in Mode._value2member_map_:
+        raise DecodeError(f"update.mode: unknown mode {proto.mode}")
+    if len(proto.parts) > MAX_PARTS:
+        raise DecodeError(f"update.parts: {len(proto.parts)} parts, at most {MAX_PARTS}")
+    if proto.flag_bits > 1:
+        raise DecodeError(f"update.flag_bits: {proto.flag_bits}, expected 0 or 1")
+    parts = tuple(part_from_proto(p, d, f"update.parts[{i}]") for i, p in enumerate(proto.parts))
+    return Message(Mode(proto.mode), parts, proto.flag_bits)
+
+
+def iterate_to_proto(t: int, x: np.ndarray) -> ProtoRound:
+    dtype = x.dtype.name
+    return ProtoRound(round=t, dtype=_DTYPE_TO_PROTO[dtype], iterate=values_to_bytes(x, dtype))
+
+
+def iterate_from_proto(proto: ProtoRound, d: int) -> np.ndarray:
+    values, _ = values_from_bytes(proto.iterate, proto.dtype, d, "round.iterate")
+    return values
+
+
+def diagnostics_to_proto(t: int, worker_id: int, loss: float, grad: np.ndarray) -> ProtoDiagnostics:
+    return ProtoDiagnostics(
+        round=t, worker_id=worker_id, loss=loss, dtype=ProtoDtype.FLOAT64, gradient=values_to_bytes(grad, "float64")
+    )
+
+
+def diagnostics_from_proto(proto: ProtoDiagnostics, d: int, t: int, worker_id: int) -> tuple[float, np.ndarray]:
+    if proto.round != t or proto.worker_id != worker_id:
+        raise DecodeError(
+            f"diagnostics: round {proto.round} worker {proto.worker_id}, expected round {t} worker {worker_id}"
+        )
+    grad, _ = values_from_bytes(proto.gradient, proto.dtype, d, "diagnostics.gradient")
+    return _finite(proto.loss, "diagnostics.loss"), grad.astype(np.float64)

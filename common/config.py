@@ -1,0 +1,137 @@
+"""A run's config: a TOML file that maps one-to-one onto frozen pydantic models.
+
+Every field has a default that runs. Unknown fields and wrong types are refused with the field's
+path (`ConfigError("config: compressor.k: ...")`). A component (method, compressor, problem) is a
+name plus its parameters, written as a string (`compressor = "top_k"`) or a table
+(`[compressor] name = "top_k"  k = 5`); its parameters are checked by the component's factory.
+
+    workers = 20
+    rounds = 2000
+    method = "ef21"
+    [compressor]
+    name = "top_k"
+    k = 1
+    [data]
+    dataset = "a9a"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from threepc.common.errors import ConfigError
+
+ValueDtype = Literal["float64", "float32", "float16", "bfloat16"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Component(BaseModel):
+    """A named component and its parameters (checked later by the component's factory)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DataConfig(_Frozen):
+    """Which data the workers train on and how it is split."""
+
+    dataset: str = Field("a9a", description="LibSVM file path, a name in the data dirs, or 'synthetic'")
+    data_dir: str | None = Field(None, description="extra folder to look for named data sets in")
+    split: Literal["contiguous", "label_sorted"] = "contiguous"
+    rows: int | None = Field(None, ge=1, description="rows of the synthetic set")
+    dim: int | None = Field(None, ge=1, description="features (width to load, or synthetic d)")
+    seed: int = Field(0, description="seed of the synthetic set")
+
+
+class WireConfig(_Frozen):
+    """How vectors travel."""
+
+    value_dtype: ValueDtype = Field("float32", description="dtype of values in compressed messages")
+    iterate_dtype: Literal["float64", "float32"] = Field(
+        "float64", description="dtype of the iterate and of the coordinator's state"
+    )
+    max_message_bytes: int = Field(64 << 20, ge=1 << 16, description="gRPC message size limit")
+    chunk_bytes: int = Field(
+        32 << 20, ge=1 << 10, description="messages larger than this travel in chunks"
+    )
+
+
+class RunConfig(_Frozen):
+    """Everything that defines a run (the seed included), so that two runs of it are equal."""
+
+    workers: int = Field(4, ge=1, description="number of workers n")
+    rounds: int = Field(300, ge=0, description="rounds after round 0")
+    seed: int = Field(0, ge=0, description="seed of x^0 and of every random choice")
+    method: Component = Component(name="ef21")
+    compressor: Component = Component(name="top_k", k=1)  # type: ignore[call-arg]
+    problem: Component = Component(name="logreg_nonconvex", lam=0.1)  # type: ignore[call-arg]
+    data: DataConfig = DataConfig()
+    wire: WireConfig = WireConfig()
+    stepsize: float | Literal["theory"] = Field("theory", description="gamma, or the theory's")
+    stepsize_multiplier: float = Field(1.0, gt=0, description="scales gamma, as the papers' sweeps")
+    x0: str = Field("normal", description="'normal' (N(0, I) from the seed), 'zeros', or a .npy path")
+    init: Literal["full", "compressed"] = Field("full", description="g_i^0 = grad f_i(x^0) or C of it")
+    diagnostics_every: int = Field(1, ge=1, description="rounds between loss/||grad f||^2 figures")
+    round_timeout_s: float = Field(120.0, gt=0, description="how long a round waits for updates")
+    token: str = Field("", description="join token workers must present (empty: none)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if isinstance(self.stepsize, float) and not self.stepsize > 0:
+            raise ValueError("stepsize must be > 0 or 'theory'")
+        return self
+
+
+def _format(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    what = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+    return f"{source}: {where}: {what}{more}"
+
+
+def parse(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """A RunConfig from parsed TOML/JSON, or a one-line ConfigError naming the field."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a TOML config file; `overrides` (top-level fields) win over the file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    return parse({**data, **(overrides or {})}, str(path))
+
+
+def to_json(config: RunConfig) -> str:
+    return config.model_dump_json()
+
+
+def from_json(text: str) -> RunConfig:
+    import json
+
+    return parse(json.loads(text), "coordinator's config")

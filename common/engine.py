@@ -1,0 +1,239 @@
+"""One round as plain function calls, shared by the in-process engine and the gRPC runtime.
+
+    coordinator: x^t  ->  worker i: grad f_i(x^t) -> mechanism step -> Message
+    coordinator: mirror_i <- message.apply(mirror_i) (in worker-id order) -> g^t = mean mirrors
+                 -> x^{t+1} = x^t - gamma g^t
+
+`WorkerNode` is one worker's side (its shard, its mechanism state), `Aggregator` the
+coordinator's (iterate, mirrors, meters). `run_in_process` drives them with function calls; the
+gRPC runtime (threepc.server, threepc.worker) drives the very same objects with encode -> bytes
+-> decode in between, which is why a distributed run equals the in-process run bit for bit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from threepc.common import data as data_mod
+from threepc.common.config import RunConfig
+from threepc.common.errors import ConfigError
+from threepc.common.mechanisms import Mechanism, WorkerState
+from threepc.common.methods import Smoothness, build_method, stepsize
+from threepc.common.payloads import Message
+from threepc.common.problems import Problem, make_problem
+
+ROUND_STREAM = 0x3C  # separates the per-round worker randomness from any other stream
+
+
+def round_rng(seed: int, t: int, worker_id: int) -> np.random.Generator:
+    """The generator of worker i in round t: both ends can derive it from (seed, t, i)."""
+    return np.random.default_rng([seed, t, worker_id, ROUND_STREAM])
+
+
+def initial_iterate(config: RunConfig, d: int) -> np.ndarray:
+    """x^0: N(0, I) drawn as numpy.random.default_rng(seed).normal(0, 1, d), zeros, or a .npy."""
+    dtype = np.dtype(config.wire.iterate_dtype)
+    if config.x0 == "normal":
+        return np.random.default_rng(config.seed).normal(0.0, 1.0, d).astype(dtype)
+    if config.x0 == "zeros":
+        return np.zeros(d, dtype)
+    path = Path(config.x0)
+    if not path.is_file():
+        raise ConfigError(f"x0: expected 'normal', 'zeros' or a .npy file, got {config.x0!r}")
+    x0 = np.load(path, allow_pickle=False)
+    if x0.shape != (d,):
+        raise ConfigError(f"x0: {path} has shape {x0.shape}, the problem needs ({d},)")
+    return x0.astype(dtype)
+
+
+def load_data(config: RunConfig, dataset: str | None = None) -> data_mod.Dataset:
+    """The run's whole data set (`dataset` overrides the config's, e.g. a worker's local path)."""
+    spec = config.data
+    return data_mod.load(
+        dataset or spec.dataset, data_dir=spec.data_dir, dim=spec.dim, rows=spec.rows, seed=spec.seed
+    )
+
+
+def load_shard(config: RunConfig, worker_id: int, full: data_mod.Dataset) -> data_mod.Dataset:
+    """Worker i's shard of the run's data."""
+    return data_mod.shard(full, config.workers, worker_id, config.data.split)
+
+
+def local_problem(config: RunConfig, shard: data_mod.Dataset) -> Problem:
+    return make_problem(config.problem.name, shard, config.problem.params)
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """What the coordinator resolves before round 0."""
+
+    config: RunConfig
+    dim: int
+    gamma: float
+    smoothness: Smoothness
+    x0: np.ndarray
+    dataset: str  # the data actually used (a file, or a synthetic stand-in)
+
+
+def plan(config: RunConfig) -> Plan:
+    """Load the data once, compute L_-, L_+, every L_i, the stepsize and x^0."""
+    full = load_data(config)
+    d = full.dim
+    L_i = tuple(
+        local_problem(config, load_shard(config, i, full)).smoothness() for i in range(config.workers)
+    )
+    L_minus = local_problem(config, full).smoothness()
+    smooth = Smoothness(L_minus, float(np.sqrt(np.mean(np.square(L_i)))), L_i)
+    mechanism = build_method(config, d)
+    return Plan(config, d, stepsize(config, mechanism, d, smooth), smooth, initial_iterate(config, d), full.source)
+
+
+class WorkerNode:
+    """One worker: its local problem and its mechanism state (the only state it keeps).
+
+    The state is replaced, never mutated, each round (`Mechanism.step` returns a new one).
+    """
+
+    def __init__(self, config: RunConfig, worker_id: int, problem: Problem):
+        self.config = config
+        self.worker_id = worker_id
+        self.problem = problem
+        self.mechanism: Mechanism = build_method(config, problem.dim)
+        self.state: WorkerState | None = None
+
+    def round(self, t: int, x: np.ndarray) -> tuple[Message, tuple[float, np.ndarray] | None]:
+        """Message for round t at iterate x^t, and (f_i(x^t), grad f_i(x^t)) on diagnostic rounds."""
+        x64 = np.asarray(x, dtype=np.float64)
+        grad = self.problem.grad(x64)
+        rng = round_rng(self.config.seed, t, self.worker_id)
+        if self.state is None:
+            message, self.state = self.mechanism.first(grad, rng)
+        else:
+            message, self.state = self.mechanism.step(self.state, grad, rng)
+        diagnostics = None
+        if t % self.config.diagnostics_every == 0:
+            diagnostics = (self.problem.loss(x64), grad)
+        return message, diagnostics
+
+
+@dataclass
+class WorkerMeter:
+    """Per-worker method traffic, as the coordinator counts it."""
+
+    bits: int = 0  # payload bits (indices and flags included)
+    value_bits: int = 0  # the papers' convention: values only
+    messages: int = 0
+    skips: int = 0
+
+
+class Aggregator:
+    """The coordinator's state and step: iterate, every worker's mirror g_i, their mean, meters.
+
+    Fields by role:
+    - the method: `x` (x^t), `mirrors[i]` (g_i^t, what worker i's messages built), `g_sum`
+      (sum of the mirrors, kept incrementally so a round costs what its messages change);
+    - the run: `gamma`, `n`, `t` (the round being collected);
+    - metering: `meters[i]` (bits per worker), `skips_round`.
+    `apply` must see a round's messages in worker-id order so that both transports add in the
+    same order.
+    """
+
+    def __init__(self, plan: Plan):
+        self.n = plan.config.workers
+        self.d = plan.dim
+        self.gamma = plan.gamma
+        self.state_dtype = np.dtype(plan.config.wire.iterate_dtype)
+        self.x = plan.x0.copy()
+        self.mirrors = np.zeros((self.n, self.d))
+        self.g_sum = np.zeros(self.d)
+        self.t = 0
+        self.meters = [WorkerMeter() for _ in range(self.n)]
+        self.skips_round = 0
+        self._grad_sum: np.ndarray | None = None
+        self._loss_sum = 0.0
+        self._diag_count = 0
+
+    def apply(self, worker_id: int, message: Message) -> None:
+        """mirror_i <- message.apply(mirror_i), and the meters."""
+        meter = self.meters[worker_id]
+        meter.bits += message.bits()
+        meter.value_bits += message.value_bits()
+        meter.messages += 1
+        if message.is_skip:
+            meter.skips += 1
+            self.skips_round += 1
+            return
+        old = self.mirrors[worker_id]
+        new = message.apply(old)
+        self.g_sum += new - old
+        self.mirrors[worker_id] = new
+
+    def add_diagnostics(self, loss: float, grad: np.ndarray) -> None:
+        """A worker's f_i(x^t) and grad f_i(x^t), for the round's figures (never in the bits)."""
+        self._grad_sum = grad.copy() if self._grad_sum is None else self._grad_sum + grad
+        self._loss_sum += loss
+        self._diag_count += 1
+
+    def finish_round(self) -> dict[str, float | int | None]:
+        """Close round t: its figures, then x^{t+1} = x^t - gamma g^t."""
+        row: dict[str, float | int | None] = {"round": self.t}
+        if self._diag_count == self.n and self._grad_sum is not None:
+            grad_f = self._grad_sum / self.n
+            row["grad_norm_sq"] = float(grad_f @ grad_f)
+            row["loss"] = self._loss_sum / self.n
+        else:
+            row["grad_norm_sq"] = None
+            row["loss"] = None
+        row["bits_up_per_worker"] = sum(m.bits for m in self.meters) / self.n
+        row["value_bits_up_per_worker"] = sum(m.value_bits for m in self.meters) / self.n
+        row["skips"] = self.skips_round
+        g = self.g_sum / self.n
+        self.x = (self.x - self.gamma * g).astype(self.state_dtype)
+        self.t += 1
+        self.skips_round = 0
+        self._grad_sum, self._loss_sum, self._diag_count = None, 0.0, 0
+        return row
+
+
+RoundCallback = Callable[[dict], None]
+
+
+@dataclass
+class RunResult:
+    rows: list[dict] = field(default_factory=list)
+    x: np.ndarray | None = None
+    per_worker: list[dict] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+
+def run_in_process(plan_: Plan, on_round: RoundCallback | None = None) -> RunResult:
+    """The reference engine: every worker and the coordinator as function calls, no transport."""
+    config = plan_.config
+    full = load_data(config)
+    nodes = [
+        WorkerNode(config, i, local_problem(config, load_shard(config, i, full)))
+        for i in range(config.workers)
+    ]
+    agg = Aggregator(plan_)
+    result = RunResult()
+    start = time.perf_counter()
+    for t in range(config.rounds):
+        for node in nodes:
+            message, diagnostics = node.round(t, agg.x)
+            agg.apply(node.worker_id, message)
+            if diagnostics is not None:
+                agg.add_diagnostics(*diagnostics)
+        row = agg.finish_round()
+        row.update(wire_bytes_up=None, wire_bytes_down=None, elapsed_s=time.perf_counter() - start)
+        result.rows.append(row)
+        if on_round:
+            on_round(row)
+    result.x = agg.x
+    result.per_worker = [vars(m).copy() for m in agg.meters]
+    result.elapsed_s = time.perf_counter() - start
+    return result

@@ -1,0 +1,46 @@
+"""Every error threepc raises on purpose, in one tree.
+
+    ThreePCError
+    ├── ConfigError          a run's config is invalid (unknown field, bad value)
+    ├── DataError            a data set cannot be found, read or split as asked
+    ├── DecodeError          a message from the wire is malformed or inconsistent
+    ├── ProtocolError        a peer broke the round protocol (wrong round, unknown worker, ...)
+    ├── AuthError            a peer failed authentication (missing or wrong join token)
+    ├── MismatchError        a worker's data does not fit the run (dimension, rows)
+    └── TransportError       the other end cannot be reached or went away
+
+Each maps to one gRPC status code in `threepc.server.status` (a test checks that every class
+has one), and to a one-line message and a non-zero exit code in the CLI.
+"""
+
+
+class ThreePCError(Exception):
+    """Base class: an error with a message a user can act on."""
+
+
+class ConfigError(ThreePCError):
+    """A run's config is invalid."""
+
+
+class DataError(ThreePCError):
+    """A data set cannot be found, read or split as asked."""
+
+
+class DecodeError(ThreePCError):
+    """A message from the wire is malformed; it names the field that was wrong."""
+
+
+class ProtocolError(ThreePCError):
+    """A peer broke the round protocol."""
+
+
+class AuthError(ThreePCError):
+    """A peer failed authentication."""
+
+
+class MismatchError(ThreePCError):
+    """A worker's data does not fit the run."""
+
+
+class TransportError(ThreePCError):
+    """The other end cannot be reached or went away."""

@@ -1,0 +1,185 @@
+"""Three point compressors (3PC paper, Algorithm 1; ALGORITHMS.md section 2) as worker mechanisms.
+
+A 3PC maps (h, y, x) = (g_i^t, grad f_i(x^t), grad f_i(x^{t+1})) to g_i^{t+1} = C_{h,y}(x) and
+satisfies E||C_{h,y}(x) - x||^2 <= (1 - A)||h - y||^2 + B||x - y||^2. Here a 3PC returns the
+*message* that says how g_i^{t+1} differs from the coordinator's mirror of h, and the new estimate
+is always `message.apply(h)`: the worker and the coordinator run that same function, so the
+worker's h and the coordinator's mirror stay bit-identical.
+
+A `Mechanism` is a NamedTuple of pure functions (Optax's `(init, update)`):
+`first(grad, rng) -> (message, state)` for round 0 and `step(state, grad, rng) -> (message, state)`
+for every later round. Compositions (3PCv2, 3PCv3, 3PCv4) wrap 3PC functions; LAG and CLAG wrap
+a 3PC in a trigger.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from threepc.common.compressors import Compressor, sqrt_one_minus
+from threepc.common.errors import ConfigError
+from threepc.common.payloads import DenseVector, Message, Mode, skip, to_wire_dtype
+
+ThreePointFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.random.Generator], Message]
+
+
+class WorkerState(NamedTuple):
+    """What a worker keeps between rounds."""
+
+    h: np.ndarray  # g_i^t: the estimate the coordinator mirrors
+    y: np.ndarray  # grad f_i(x^t): the last true local gradient
+
+
+class Constants(NamedTuple):
+    """The 3PC constants (A, B) of a mechanism for dimension d."""
+
+    A: float
+    B: float
+
+
+class Mechanism(NamedTuple):
+    """A worker mechanism: first round, later rounds, and its 3PC constants."""
+
+    name: str
+    first: Callable[[np.ndarray, np.random.Generator], tuple[Message, WorkerState]]
+    step: Callable[[WorkerState, np.ndarray, np.random.Generator], tuple[Message, WorkerState]]
+    constants: Callable[[int], Constants]
+    skips: bool = False  # whether messages can be lazy skips (metered as a skip rate)
+
+
+def dense_message(x: np.ndarray, dtype: str) -> Message:
+    """g_i = x, sent in full."""
+    return Message(Mode.REPLACE, (DenseVector(to_wire_dtype(x, dtype), dtype),))
+
+
+def three_point(
+    name: str,
+    c3pc: ThreePointFn,
+    constants: Callable[[int], Constants],
+    dtype: str,
+    init: str = "full",
+    initial: Compressor | None = None,
+    skips: bool = False,
+) -> Mechanism:
+    """A mechanism from a 3PC function: g_i^0 = grad f_i(x^0) (init "full") or C(grad) ("compressed")."""
+
+    def first(grad: np.ndarray, rng: np.random.Generator) -> tuple[Message, WorkerState]:
+        if init == "compressed" and initial is not None:
+            message = Message(Mode.REPLACE, (initial.compress(grad, rng),))
+        else:
+            message = dense_message(grad, dtype)
+        return message, WorkerState(message.apply(np.zeros_like(grad)), grad)
+
+    def step(state: WorkerState, grad: np.ndarray, rng: np.random.Generator) -> tuple[Message, WorkerState]:
+        message = c3pc(state.h, state.y, grad, rng)
+        return message, WorkerState(message.apply(state.h), grad)
+
+    return Mechanism(name, first, step, constants, skips)
+
+
+# ----------------------------------------------------------------------------- 3PC functions
+
+
+def _alpha(c: Compressor, d: int) -> float:
+    if c.alpha is None:
+        raise ConfigError(f"{c.name} is not a contractive compressor; this method needs one")
+    return c.alpha(d)
+
+
+def _ef21_constants(alpha: float) -> Constants:
+    """A = 1 - sqrt(1 - alpha), B = (1 - alpha) / (1 - sqrt(1 - alpha)) (EF21, Table 1)."""
+    a = 1.0 - sqrt_one_minus(alpha)
+    return Constants(a, (1.0 - alpha) / a if a > 0 else math.inf)
+
+
+def gd_3pc(dtype: str) -> ThreePointFn:
+    """C_{h,y}(x) = x."""
+    return lambda h, y, x, rng: dense_message(x, dtype)
+
+
+def ef21_3pc(c: Compressor) -> ThreePointFn:
+    """C_{h,y}(x) = h + C(x - h)."""
+    return lambda h, y, x, rng: Message(Mode.DELTA, (c.compress(x - h, rng),))
+
+
+def lazy(inner: ThreePointFn, zeta: float) -> ThreePointFn:
+    """Run `inner` only if ||x - h||^2 > zeta ||x - y||^2 (strict), else keep h at a 1-bit skip."""
+
+    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, rng: np.random.Generator) -> Message:
+        if float(np.dot(x - h, x - h)) > zeta * float(np.dot(x - y, x - y)):
+            sent = inner(h, y, x, rng)
+            return Message(sent.mode, sent.parts, sent.flag_bits + 1)
+        return skip(1)
+
+    return c3pc
+
+
+def v1_3pc(c: Compressor, dtype: str) -> ThreePointFn:
+    """3PCv1: y + C(x - y). The coordinator does not know y, so y travels dense."""
+
+    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, rng: np.random.Generator) -> Message:
+        return Message(Mode.REPLACE, (DenseVector(to_wire_dtype(y, dtype), dtype), c.compress(x - y, rng)))
+
+    return c3pc
+
+
+def v2_3pc(c: Compressor, q: Compressor) -> ThreePointFn:
+    """3PCv2: b + C(x - b) with b = h + Q(x - y)."""
+
+    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, rng: np.random.Generator) -> Message:
+        q_part = q.compress(x - y, rng)
+        b = Message(Mode.DELTA, (q_part,)).apply(h)
+        return Message(Mode.DELTA, (q_part, c.compress(x - b, rng)))
+
+    return c3pc
+
+
+def v3_3pc(c: Compressor, inner: ThreePointFn) -> ThreePointFn:
+    """3PCv3: b + C(x - b) with b = C1_{h,y}(x), any inner 3PC."""
+
+    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, rng: np.random.Generator) -> Message:
+        first = inner(h, y, x, rng)
+        b = first.apply(h)
+        return Message(first.mode, first.parts + (c.compress(x - b, rng),), first.flag_bits)
+
+    return c3pc
+
+
+def v4_3pc(c1: Compressor, c2: Compressor) -> ThreePointFn:
+    """3PCv4: b + C1(x - b) with b = h + C2(x - h)."""
+
+    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, rng: np.random.Generator) -> Message:
+        c2_part = c2.compress(x - h, rng)
+        b = Message(Mode.DELTA, (c2_part,)).apply(h)
+        return Message(Mode.DELTA, (c2_part, c1.compress(x - b, rng)))
+
+    return c3pc
+
+
+def v5_3pc(c: Compressor, p: float, dtype: str) -> ThreePointFn:
+    """3PCv5: x with probability p, else h + C(x - y); one flag bit says which."""
+
+    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, rng: np.random.Generator) -> Message:
+        if rng.random() < p:
+            full = dense_message(x, dtype)
+            return Message(full.mode, full.parts, 1)
+        return Message(Mode.DELTA, (c.compress(x - y, rng),), 1)
+
+    return c3pc
+
+
+def ef21_plus_3pc(c: Compressor) -> ThreePointFn:
+    """EF21+: the better of b = C(x) and m = h + C(x - h) by distance to x; one flag bit."""
+
+    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, rng: np.random.Generator) -> Message:
+        plain = Message(Mode.REPLACE, (c.compress(x, rng),), 1)
+        markov = Message(Mode.DELTA, (c.compress(x - h, rng),), 1)
+        d = x.size
+        err_plain = float(np.sum((plain.dense(d) - x) ** 2))
+        err_markov = float(np.sum((markov.apply(h) - x) ** 2))
+        return plain if err_plain < err_markov else markov
+
+    return c3pc

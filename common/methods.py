@@ -1,0 +1,129 @@
+"""Methods by config name: a worker mechanism, its constants, and the theory's stepsize.
+
+`build_method(config, d)` turns the run's `method` and `compressor` components into a
+`Mechanism` (threepc.common.mechanisms). A method parameter that names a second compressor
+(3PCv2's `q`, 3PCv4's `c2`, 3PCv3's inner `c1`) is a component table like `compressor`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+from threepc.common import mechanisms as m
+from threepc.common.compressors import Compressor, make_compressor
+from threepc.common.config import Component, RunConfig
+from threepc.common.errors import ConfigError
+
+
+class Smoothness(NamedTuple):
+    """L_- (smoothness of f), L_+ (sqrt(mean L_i^2)) and every L_i."""
+
+    L_minus: float
+    L_plus: float
+    L_i: tuple[float, ...]
+
+
+def _sub_compressor(spec: Any, dtype: str, what: str) -> Compressor:
+    if spec is None:
+        raise ConfigError(f"method needs a second compressor `{what}` (a table with a name)")
+    component = Component.model_validate(spec)
+    return make_compressor(component.name, component.params, dtype)
+
+
+def _omega(q: Compressor, d: int) -> float:
+    if q.omega is None:
+        raise ConfigError(f"{q.name} is not unbiased; 3PCv2's q must be")
+    return q.omega(d)
+
+
+def _build_3pc(name: str, params: dict[str, Any], c: Compressor, dtype: str, d: int) -> tuple[m.ThreePointFn, m.Constants, bool]:
+    """The 3PC function, its (A, B) at dimension d, and whether it can skip."""
+    p = dict(params)
+
+    def take(key: str, default: Any) -> Any:
+        return p.pop(key, default)
+
+    result: tuple[m.ThreePointFn, m.Constants, bool]
+    if name == "gd":
+        result = (m.gd_3pc(dtype), m.Constants(1.0, 0.0), False)
+    elif name in ("ef21", "ef21_plus"):
+        fn = m.ef21_3pc(c) if name == "ef21" else m.ef21_plus_3pc(c)
+        result = (fn, m._ef21_constants(m._alpha(c, d)), False)
+    elif name == "lag":
+        zeta = float(take("zeta", 1.0))
+        result = (m.lazy(m.gd_3pc(dtype), zeta), m.Constants(1.0, zeta), True)
+    elif name == "clag":
+        zeta = float(take("zeta", 1.0))
+        a, b = m._ef21_constants(m._alpha(c, d))
+        result = (m.lazy(m.ef21_3pc(c), zeta), m.Constants(a, max(b, zeta)), True)
+    elif name == "3pcv1":
+        alpha = m._alpha(c, d)
+        result = (m.v1_3pc(c, dtype), m.Constants(1.0, 1.0 - alpha), False)
+    elif name == "3pcv2":
+        q = _sub_compressor(take("q", None), dtype, "q")
+        alpha = m._alpha(c, d)
+        result = (m.v2_3pc(c, q), m.Constants(alpha, (1.0 - alpha) * _omega(q, d)), False)
+    elif name == "3pcv3":
+        inner = Component.model_validate(take("inner", {"name": "ef21"}))
+        inner_c = _sub_compressor(take("c1", None), dtype, "c1") if "c1" in p else c
+        fn1, (a1, b1), skips = _build_3pc(inner.name, inner.params, inner_c, dtype, d)
+        alpha = m._alpha(c, d)
+        result = (m.v3_3pc(c, fn1), m.Constants(1 - (1 - alpha) * (1 - a1), (1 - alpha) * b1), skips)
+    elif name == "3pcv4":
+        c2 = _sub_compressor(take("c2", None), dtype, "c2")
+        abar = 1 - (1 - m._alpha(c, d)) * (1 - m._alpha(c2, d))
+        result = (m.v4_3pc(c, c2), m._ef21_constants(abar), False)
+    elif name == "3pcv5":
+        prob = float(take("p", c.density(d)))
+        if not 0 < prob <= 1:
+            raise ConfigError(f"3pcv5: p must be in (0, 1], got {prob}")
+        alpha = m._alpha(c, d)
+        a = 1 - math.sqrt(1 - prob)
+        result = (m.v5_3pc(c, prob, dtype), m.Constants(a, (1 - prob) * (1 - alpha) / a), False)
+    else:
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(THREE_POINT))}")
+    if p:
+        raise ConfigError(f"method {name!r}: unknown parameter(s) {', '.join(sorted(p))}")
+    return result
+
+
+# Config name -> parameters it takes (for `threepc methods` and error messages).
+THREE_POINT: dict[str, str] = {
+    "gd": "",
+    "ef21": "",
+    "ef21_plus": "",
+    "lag": "zeta=1.0",
+    "clag": "zeta=1.0",
+    "3pcv1": "",
+    "3pcv2": "q={name=...}",
+    "3pcv3": "inner={name=...}, c1={name=...}",
+    "3pcv4": "c2={name=...}",
+    "3pcv5": "p=k/d",
+}
+
+
+def build_method(config: RunConfig, d: int) -> m.Mechanism:
+    """The run's worker mechanism at dimension d."""
+    dtype = config.wire.value_dtype
+    c = make_compressor(config.compressor.name, config.compressor.params, dtype)
+    name = config.method.name
+    fn, constants, skips = _build_3pc(name, config.method.params, c, dtype, d)
+    return m.three_point(
+        name, fn, lambda _d: constants, dtype, init=config.init, initial=c, skips=skips
+    )
+
+
+def theory_stepsize(mechanism: m.Mechanism, d: int, smooth: Smoothness) -> float:
+    """gamma = 1 / (L_- + L_+ sqrt(B / A)) (3PC paper, Theorem 1)."""
+    a, b = mechanism.constants(d)
+    return 1.0 / (smooth.L_minus + smooth.L_plus * math.sqrt(b / a))
+
+
+def stepsize(config: RunConfig, mechanism: m.Mechanism, d: int, smooth: Smoothness) -> float:
+    """The run's gamma: explicit, or the theory's, times the multiplier."""
+    base = config.stepsize if isinstance(config.stepsize, float) else theory_stepsize(mechanism, d, smooth)
+    return base * config.stepsize_multiplier
+
+
+CompressorFactory = Callable[..., Compressor]

@@ -1,0 +1,277 @@
+"""Typed payloads: what a compressor returns and what a worker's message carries.
+
+A compressor returns one *vector payload* (`DenseVector`, `SparseVector`, ...), which knows its
+decoded value (`dense(d)`) and its exact size on the wire in bits (`bits()`), counted by the
+encodings of `threepc.common.bitpack`. A worker's round message is a `Message`: its new estimate
+`g_i^{t+1}` relative to the coordinator's mirror `g_i^t` as a sum of parts (3PC paper, Alg. 1).
+
+Payloads are frozen and their arrays are read-only: the values in a payload are exactly the
+values that cross the wire (already cast to the wire dtype), so a worker that updates its own
+state from `payload.dense(d)` stays bit-identical with the coordinator's mirror.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+import numpy.typing as npt
+
+from threepc.common import bitpack
+
+FloatArray = npt.NDArray[np.floating]
+IndexArray = npt.NDArray[np.int64]
+
+# Wire dtypes of values, by config name. bfloat16 has no numpy dtype: it travels as the upper
+# 16 bits of a float32 and is held here as a float32 whose lower 16 bits are zero.
+VALUE_DTYPES = ("float64", "float32", "float16", "bfloat16")
+_BITS = {"float64": 64, "float32": 32, "float16": 16, "bfloat16": 16}
+SCALE_BITS = 32  # a norm, scale or range endpoint travels as one float32-sized figure
+
+
+def value_bits(dtype: str) -> int:
+    """Bits of one value of a wire dtype."""
+    return _BITS[dtype]
+
+
+def to_wire_dtype(values: npt.ArrayLike, dtype: str) -> np.ndarray:
+    """Round `values` to what the wire dtype can carry (numpy array of that precision)."""
+    arr = np.asarray(values)
+    if dtype == "bfloat16":
+        # Round to nearest even on the upper half of the float32 bit pattern.
+        as_f32 = np.ascontiguousarray(arr, dtype=np.float32)
+        bits = as_f32.view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        out = rounded.astype(np.uint32).view(np.float32)
+        return np.where(np.isfinite(as_f32), out, as_f32)
+    return np.ascontiguousarray(arr, dtype=np.dtype(dtype))
+
+
+def _readonly(arr: np.ndarray) -> np.ndarray:
+    arr.setflags(write=False)
+    return arr
+
+
+class IndexRule(enum.IntEnum):
+    """How both ends draw the coordinates of a seeded sparse payload."""
+
+    RAND_K = 1  # k coordinates uniformly without replacement
+    PERM_K = 2  # slice `block` of `blocks` of a shared random permutation
+
+
+class Grid(enum.IntEnum):
+    """Level grids of `QuantizedVector`."""
+
+    UNIFORM = 1  # QSGD: level / s
+    NATURAL = 2  # natural dithering: 0 or 2^(level - s), level in [0, s]
+    EXPONENT = 3  # natural compression: level is a biased 8-bit exponent, value 2^(level - 127)
+    RANGE = 4  # IQ, CQ: offset + scale * level / (levels - 1), unsigned
+
+
+def seeded_indices(rule: IndexRule, d: int, seed: int, k: int, block: int, blocks: int) -> IndexArray:
+    """The sorted coordinates of a seeded sparse payload, drawn identically on both ends."""
+    rng = np.random.default_rng(seed)
+    if rule is IndexRule.RAND_K:
+        return _readonly(np.sort(rng.choice(d, size=k, replace=False)).astype(np.int64))
+    if rule is IndexRule.PERM_K:
+        perm = rng.permutation(d)
+        bounds = np.linspace(0, d, blocks + 1).round().astype(np.int64)
+        return _readonly(np.sort(perm[bounds[block] : bounds[block + 1]]).astype(np.int64))
+    raise ValueError(f"unknown index rule {rule!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class DenseVector:
+    """All d values."""
+
+    values: FloatArray
+    dtype: str = "float32"
+
+    def dense(self, d: int) -> np.ndarray:
+        return self.values.astype(np.float64)
+
+    def bits(self) -> int:
+        return int(self.values.size) * value_bits(self.dtype)
+
+    def value_bits(self) -> int:
+        return self.bits()
+
+
+@dataclass(frozen=True, eq=False)
+class SparseVector:
+    """k values at explicit, strictly increasing coordinates in [0, size) (TopK, HardThreshold)."""
+
+    size: int
+    indices: IndexArray
+    values: FloatArray
+    dtype: str = "float32"
+
+    def dense(self, d: int) -> np.ndarray:
+        out = np.zeros(d)
+        out[self.indices] = self.values
+        return out
+
+    def bits(self) -> int:
+        return bitpack.index_bits(self.indices, self.size) + self.value_bits()
+
+    def value_bits(self) -> int:
+        return int(self.values.size) * value_bits(self.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class SeededSparseVector:
+    """k values at coordinates both ends draw from a shared seed (RandK, PermK): no indices."""
+
+    rule: IndexRule
+    seed: int
+    values: FloatArray
+    block: int = 0
+    blocks: int = 0
+    dtype: str = "float32"
+
+    def indices(self, d: int) -> IndexArray:
+        return seeded_indices(self.rule, d, self.seed, int(self.values.size), self.block, self.blocks)
+
+    def dense(self, d: int) -> np.ndarray:
+        out = np.zeros(d)
+        out[self.indices(d)] = self.values
+        return out
+
+    def bits(self) -> int:
+        return int(self.values.size) * value_bits(self.dtype)
+
+    def value_bits(self) -> int:
+        return self.bits()
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedVector:
+    """Per-coordinate levels on a grid: value_j = offset + scale * sign_j * grid(level_j).
+
+    `negative` is None for unsigned grids (RANGE). `level_bits` is the width each level is
+    packed at on the wire (ceil(log2(levels + 1)) for QSGD and natural dithering, 8 for natural
+    compression, ceil(log2 levels) for IQ/CQ: 1 bit for two levels).
+    """
+
+    grid: Grid
+    levels: int
+    scale: float
+    level_codes: npt.NDArray[np.uint32]
+    level_bits: int
+    negative: npt.NDArray[np.bool_] | None = None
+    offset: float = 0.0
+    seed: int = 0
+
+    def magnitudes(self) -> np.ndarray:
+        lv = self.level_codes.astype(np.float64)
+        if self.grid is Grid.UNIFORM:
+            return lv / self.levels
+        if self.grid is Grid.NATURAL:
+            return np.where(lv == 0, 0.0, np.exp2(lv - self.levels))
+        if self.grid is Grid.EXPONENT:
+            return np.where(lv == 0, 0.0, np.exp2(lv - 127.0))
+        if self.grid is Grid.RANGE:
+            return lv / max(self.levels - 1, 1)
+        raise ValueError(f"unknown grid {self.grid!r}")
+
+    def dense(self, d: int) -> np.ndarray:
+        mag = self.scale * self.magnitudes()
+        if self.negative is not None:
+            mag = np.where(self.negative, -mag, mag)
+        return self.offset + mag
+
+    def bits(self) -> int:
+        d = int(self.level_codes.size)
+        header = SCALE_BITS * (2 if self.grid is Grid.RANGE else 1)
+        if self.grid is Grid.EXPONENT:
+            header = 0
+        signs = d if self.negative is not None else 0
+        return header + signs + d * self.level_bits
+
+    def value_bits(self) -> int:
+        return self.bits()
+
+
+@dataclass(frozen=True, eq=False)
+class SignVector:
+    """scale * sign(x), optionally after a seeded randomized Hadamard rotation (DRIVE).
+
+    The rotation itself is applied and undone by the compressor that made the payload, which
+    sets `decode`; the wire carries only the seed.
+    """
+
+    scale: float
+    negative: npt.NDArray[np.bool_]
+    rotation_seed: int = 0
+    rotated: bool = False
+
+    def dense(self, d: int) -> np.ndarray:
+        signed = np.where(self.negative, -self.scale, self.scale)
+        if not self.rotated:
+            return signed
+        from threepc.common.hadamard import inverse_rotation  # shared-randomness transform
+
+        return inverse_rotation(signed, self.rotation_seed, d)
+
+    def bits(self) -> int:
+        return SCALE_BITS + int(self.negative.size)
+
+    def value_bits(self) -> int:
+        return self.bits()
+
+
+VectorPayload = Union[DenseVector, SparseVector, SeededSparseVector, QuantizedVector, SignVector]
+
+
+class Mode(enum.IntEnum):
+    """How a message's parts relate to the coordinator's mirror of the worker's estimate."""
+
+    DELTA = 0  # g_i^{t+1} = g_i^t + sum(parts); no parts is a skip
+    REPLACE = 1  # g_i^{t+1} = sum(parts)
+
+
+@dataclass(frozen=True, eq=False)
+class Message:
+    """A worker's round message: its new estimate relative to the coordinator's mirror.
+
+    `flag_bits` is what the method spends to say which case it took (LAG's skip, EF21+'s
+    choice): 0 for methods without a choice.
+    """
+
+    mode: Mode
+    parts: tuple[VectorPayload, ...] = ()
+    flag_bits: int = 0
+
+    @property
+    def is_skip(self) -> bool:
+        return self.mode is Mode.DELTA and not self.parts
+
+    def dense(self, d: int) -> np.ndarray:
+        """sum(parts) as a float64 d-vector."""
+        out = np.zeros(d)
+        for part in self.parts:
+            out += part.dense(d)
+        return out
+
+    def bits(self) -> int:
+        """Payload bits the method sends: every part plus the choice flag (the papers' x-axis)."""
+        return self.flag_bits + sum(part.bits() for part in self.parts)
+
+    def value_bits(self) -> int:
+        """The papers' convention: values only, indices and flags not counted."""
+        return sum(part.value_bits() for part in self.parts)
+
+    def apply(self, mirror: np.ndarray) -> np.ndarray:
+        """The coordinator's update of its mirror g_i^t -> g_i^{t+1} (a new array)."""
+        if self.mode is Mode.REPLACE:
+            return self.dense(mirror.size)
+        if not self.parts:
+            return mirror
+        return mirror + self.dense(mirror.size)
+
+
+def skip(flag_bits: int = 1) -> Message:
+    """The lazy-aggregation skip: the mirror stays, and the message costs its flag."""
+    return Message(Mode.DELTA, (), flag_bits)

@@ -1,0 +1,272 @@
+"""The `threepc` command: thin, it parses, loads a config and calls what the tests call too."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+
+from threepc.common import config as config_mod
+from threepc.common.errors import ThreePCError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=CONTEXT)
+@click.option("-v", "--verbose", is_flag=True, help="Log what the coordinator and workers do.")
+def cli(verbose: bool) -> None:
+    """threepc: communication-efficient distributed training over gRPC.
+
+    A coordinator broadcasts the iterate; each worker computes a gradient on its own data,
+    compresses it with a three point compressor and sends a bit-packed message back; every byte
+    that crosses the wire is metered.
+
+    \b
+    Start here:
+      threepc run examples/ef21_a9a.toml --out runs/demo     # local cluster on loopback
+      threepc run CONFIG --in-process --out DIR               # the reference engine, no gRPC
+      threepc serve CONFIG --listen 0.0.0.0:50051             # coordinator alone
+      threepc worker --coordinator HOST:50051 --data FILE     # one worker, anywhere
+      threepc methods                                         # methods and compressors
+    """
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+
+
+def _overrides(workers: int | None, rounds: int | None, seed: int | None) -> dict[str, Any]:
+    given = {"workers": workers, "rounds": rounds, "seed": seed}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+_config_options = [
+    click.option("--workers", "-n", type=int, help="Override the config's number of workers."),
+    click.option("--rounds", "-r", type=int, help="Override the config's number of rounds."),
+    click.option("--seed", type=int, help="Override the config's seed."),
+]
+
+
+def config_options(f: Any) -> Any:
+    for option in reversed(_config_options):
+        f = option(f)
+    return f
+
+
+class Progress:
+    """A progress bar with the round, ||grad f||^2 and bits sent (quiet: nothing)."""
+
+    def __init__(self, rounds: int, quiet: bool):
+        self.quiet = quiet
+        if quiet:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+
+        self.bar = RichProgress(
+            TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[figures]}"),
+            TimeElapsedColumn(), transient=False,
+        )
+        self.task = self.bar.add_task("run", total=rounds, figures="waiting for workers")
+        self.bar.start()
+
+    def update(self, row: dict) -> None:
+        if self.quiet:
+            return
+        g = row.get("grad_norm_sq")
+        figures = f"||grad f||^2 {g:.3e}" if g is not None else ""
+        figures += f"  bits/worker {row['bits_up_per_worker']:.4g}"
+        if row.get("wire_bytes_up") is not None:
+            figures += f"  wire up {row['wire_bytes_up']:,} B down {row['wire_bytes_down']:,} B"
+        self.bar.update(self.task, completed=row["round"] + 1, figures=figures)
+
+    def stop(self) -> None:
+        if not self.quiet:
+            self.bar.stop()
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/latest", show_default=True,
+              help="Folder for metrics.jsonl and summary.json.")
+@click.option("--in-process", is_flag=True, help="Run the reference engine: no gRPC, no processes.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@config_options
+def run(config_file: str, out: str, in_process: bool, quiet: bool, workers: int | None, rounds: int | None, seed: int | None) -> None:
+    """Train CONFIG_FILE on a local cluster: a coordinator and n worker processes on loopback.
+
+    Writes OUT/metrics.jsonl (one row per round: round, grad_norm_sq, loss, bits_up_per_worker,
+    value_bits_up_per_worker, wire_bytes_up, wire_bytes_down, elapsed_s, ...) and
+    OUT/summary.json (config, final figures, per-worker totals as both ends metered them).
+    """
+    from threepc.common.engine import plan, run_in_process
+    from threepc.server.launch import run_local
+    from threepc.server.runlog import RunLog, plan_summary
+
+    config = config_mod.load(config_file, _overrides(workers, rounds, seed))
+    the_plan = plan(config)
+    log = RunLog(out)
+    progress = Progress(config.rounds, quiet)
+
+    def on_round(row: dict) -> None:
+        log.write_row(row)
+        progress.update(row)
+
+    started = time.perf_counter()
+    try:
+        if in_process:
+            result = run_in_process(the_plan, on_round)
+            rows = result.rows
+            extra: dict[str, Any] = {"per_worker": [{"worker_id": i, **m} for i, m in enumerate(result.per_worker)]}
+        else:
+            rows_seen: list[dict] = []
+
+            def on_round_distributed(row: dict) -> None:
+                rows_seen.append(row)
+                on_round(row)
+
+            extra = asyncio.run(run_local(the_plan, Path(out), on_round_distributed))
+            rows = rows_seen
+    finally:
+        progress.stop()
+    summary = {
+        "mode": "in-process" if in_process else "distributed",
+        "config": config.model_dump(mode="json"),
+        "plan": plan_summary(the_plan),
+        "rounds": len(rows),
+        "elapsed_s": time.perf_counter() - started,
+        "final": rows[-1] if rows else None,
+        "first": rows[0] if rows else None,
+        **extra,
+    }
+    log.close(summary)
+    _report(summary, out)
+
+
+def _report(summary: dict, out: str) -> None:
+    first, final = summary.get("first"), summary.get("final")
+    click.echo(f"{summary['mode']} run: {summary['rounds']} rounds in {summary['elapsed_s']:.1f} s -> {out}")
+    if first and final and first.get("grad_norm_sq") is not None and final.get("grad_norm_sq") is not None:
+        drop = first["grad_norm_sq"] / final["grad_norm_sq"] if final["grad_norm_sq"] > 0 else math.inf
+        click.echo(
+            f"||grad f||^2 {first['grad_norm_sq']:.3e} -> {final['grad_norm_sq']:.3e} ({drop:.3g}x lower); "
+            f"bits/worker {final['bits_up_per_worker']:.6g}"
+        )
+    if final and final.get("wire_bytes_up") is not None:
+        agree = all(w.get("meters_agree") for w in summary.get("per_worker", []))
+        click.echo(
+            f"wire bytes up {final['wire_bytes_up']:,}, down {final['wire_bytes_down']:,}; "
+            f"coordinator and worker meters {'agree' if agree else 'DISAGREE'}"
+        )
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("--listen", default="0.0.0.0:50051", show_default=True, help="Address:port to serve on.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/latest", show_default=True,
+              help="Folder for metrics.jsonl and summary.json.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@config_options
+def serve(config_file: str, listen: str, out: str, quiet: bool, workers: int | None, rounds: int | None, seed: int | None) -> None:
+    """Run the coordinator of CONFIG_FILE alone; workers join with `threepc worker`.
+
+    The rounds start once every one of the config's n workers has joined and is ready.
+    """
+    from threepc.common.engine import plan
+    from threepc.server.launch import coordinator_summary, serve as serve_run
+    from threepc.server.runlog import RunLog, plan_summary
+
+    config = config_mod.load(config_file, _overrides(workers, rounds, seed))
+    the_plan = plan(config)
+    log = RunLog(out)
+    progress = Progress(config.rounds, quiet)
+
+    def on_round(row: dict) -> None:
+        log.write_row(row)
+        progress.update(row)
+
+    def on_listening(port: int) -> None:
+        click.echo(f"coordinator listening on port {port}; waiting for {config.workers} workers", err=True)
+
+    started = time.perf_counter()
+    try:
+        coordinator = asyncio.run(serve_run(the_plan, listen, on_round, on_listening))
+    finally:
+        progress.stop()
+    rows = coordinator.rows
+    summary = {
+        "mode": "distributed",
+        "config": config.model_dump(mode="json"),
+        "plan": plan_summary(the_plan),
+        "rounds": len(rows),
+        "elapsed_s": time.perf_counter() - started,
+        "final": rows[-1] if rows else None,
+        "first": rows[0] if rows else None,
+        **coordinator_summary(coordinator),
+    }
+    log.close(summary)
+    _report(summary, out)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--coordinator", "-c", required=True, help="HOST:PORT of the coordinator.")
+@click.option("--data", "-d", help="Data set (path or name) to take this worker's shard from; default: the run's.")
+@click.option("--worker-id", type=int, default=-1, show_default=True, help="Worker id to ask for (-1: any free one).")
+@click.option("--token", envvar="THREEPC_TOKEN", default="", help="Join token (or THREEPC_TOKEN).")
+@click.option("--connect-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to keep retrying while the coordinator is not up.")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write this worker's meter (JSON) here at the end.")
+def worker(coordinator: str, data: str | None, worker_id: int, token: str, connect_timeout: float, report: str | None) -> None:
+    """Join the coordinator at HOST:PORT and train until the run is done."""
+    from threepc.worker.client import WorkerOptions, run_worker
+
+    options = WorkerOptions(coordinator, worker_id, data, token, connect_timeout, Path(report) if report else None)
+    summary = asyncio.run(run_worker(options))
+    click.echo(f"worker {summary['worker_id']}: {summary['rounds']} rounds done", err=True)
+
+
+@cli.command(context_settings=CONTEXT)
+def methods() -> None:
+    """List every method and compressor with its parameters and constants."""
+    import inspect
+
+    from threepc.common.compressors import COMPRESSORS
+    from threepc.common.methods import THREE_POINT
+
+    click.echo("methods (method = NAME, parameters in [method]):")
+    for name, params in THREE_POINT.items():
+        click.echo(f"  {name:12s} {params}")
+    click.echo("compressors (compressor = NAME, parameters in [compressor]):")
+    for name, factory in COMPRESSORS.items():
+        sig = ", ".join(
+            f"{p.name}={p.default!r}" for p in inspect.signature(factory).parameters.values() if p.name != "dtype"
+        )
+        doc = (factory.__doc__ or "").strip().splitlines()[0] if factory.__doc__ else ""
+        click.echo(f"  {name:16s} {sig:28s} {doc}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: ThreePCError becomes one line on stderr and exit code 1."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="threepc", standalone_mode=False)
+    except ThreePCError as err:
+        click.echo(f"threepc: error: {err}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("threepc: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        click.echo("threepc: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

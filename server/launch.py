@@ -1,0 +1,127 @@
+"""Runs as a user starts them: a local cluster of worker processes, or a coordinator alone.
+
+`run_local` starts the coordinator in this process on a loopback port and n worker processes
+(`python -m threepc.worker`) that connect to it, exactly as remote workers would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from threepc.common.engine import Plan
+from threepc.common.errors import ThreePCError
+from threepc.server.coordinator import Coordinator, start_server
+
+log = logging.getLogger("threepc.launch")
+
+RowCallback = Callable[[dict], None]
+
+
+def coordinator_summary(coordinator: Coordinator) -> dict[str, Any]:
+    """Per-worker totals as the coordinator metered them."""
+    return {
+        "per_worker": [
+            {
+                "worker_id": i,
+                "peer": link.peer,
+                "rows": link.rows,
+                "last_round": link.last_round,
+                "bits": coordinator.agg.meters[i].bits,
+                "value_bits": coordinator.agg.meters[i].value_bits,
+                "skips": coordinator.agg.meters[i].skips,
+                "meter": link.meter.as_dict(),
+            }
+            for i, link in sorted(coordinator.links.items())
+        ]
+    }
+
+
+async def serve(plan: Plan, listen: str, on_round: RowCallback | None = None, on_listening: Callable[[int], None] | None = None) -> Coordinator:
+    """Listen on `listen`, run the rounds once every worker is ready, stop gracefully."""
+    coordinator = Coordinator(plan, on_round)
+    server, port = await start_server(coordinator, listen)
+    if on_listening:
+        on_listening(port)
+    try:
+        await coordinator.run()
+    finally:
+        await server.stop(5)
+    return coordinator
+
+
+async def run_local(plan: Plan, out_dir: Path, on_round: RowCallback | None = None) -> dict[str, Any]:
+    """Coordinator here, n worker processes on loopback; returns the run's summary parts."""
+    coordinator = Coordinator(plan, on_round)
+    server, port = await start_server(coordinator, "127.0.0.1:0")
+    workers_dir = out_dir / "workers"
+    workers_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    try:
+        for i in range(plan.config.workers):
+            log_file = open(workers_dir / f"worker-{i}.log", "wb")
+            procs.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "threepc.worker",
+                    "--coordinator", f"127.0.0.1:{port}",
+                    "--worker-id", str(i),
+                    "--report", str(workers_dir / f"worker-{i}.json"),
+                    "--token", plan.config.token,
+                    stdout=log_file, stderr=log_file, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                )
+            )
+            log_file.close()
+        run = asyncio.ensure_future(coordinator.run())
+        waits = {asyncio.ensure_future(p.wait()): i for i, p in enumerate(procs)}
+        pending = set(waits)
+        # A worker that dies before the run ends fails the run with its own last words.
+        while not run.done():
+            done, _ = await asyncio.wait({run, *pending}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done & pending:
+                pending.discard(task)
+                i = waits[task]
+                if task.result() != 0 and not run.done():
+                    run.cancel()
+                    log_path = workers_dir / f"worker-{i}.log"
+                    raise ThreePCError(f"worker {i} exited with code {task.result()}: {_last_line(log_path)}")
+        await run
+        codes = await asyncio.gather(*(p.wait() for p in procs))
+        for i, code in enumerate(codes):
+            if code != 0:
+                raise ThreePCError(f"worker {i} exited with code {code}: {_last_line(workers_dir / f'worker-{i}.log')}")
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+        await server.stop(5)
+    summary = coordinator_summary(coordinator)
+    for entry in summary["per_worker"]:
+        report = workers_dir / f"worker-{entry['worker_id']}.json"
+        worker_meter = json.loads(report.read_text())["meter"] if report.exists() else None
+        entry["worker_meter"] = worker_meter
+        entry["meters_agree"] = worker_meter is not None and _mirror(worker_meter) == entry["meter"]
+    return summary
+
+
+def _mirror(worker_meter: dict[str, Any]) -> dict[str, Any]:
+    """A worker's meter seen from the coordinator's side (sent <-> received)."""
+    return {
+        "sent_bytes": worker_meter["received_bytes"],
+        "received_bytes": worker_meter["sent_bytes"],
+        "messages_sent": worker_meter["messages_received"],
+        "messages_received": worker_meter["messages_sent"],
+    }
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1] if lines else "(empty log)"

@@ -1,0 +1,38 @@
+"""The one place where threepc's errors become gRPC status codes."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import AsyncIterator
+
+import grpc
+
+from threepc.common import errors
+
+STATUS: dict[type[errors.ThreePCError], grpc.StatusCode] = {
+    errors.ThreePCError: grpc.StatusCode.UNKNOWN,
+    errors.ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.DataError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.DecodeError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ProtocolError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.AuthError: grpc.StatusCode.UNAUTHENTICATED,
+    errors.MismatchError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.TransportError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_of(error: errors.ThreePCError) -> grpc.StatusCode:
+    """The status code of the most specific class of `error` that has one."""
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return grpc.StatusCode.UNKNOWN
+
+
+@contextlib.asynccontextmanager
+async def aborting_on_error(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Turn a ThreePCError raised by a servicer into `context.abort(status, message)`."""
+    try:
+        yield
+    except errors.ThreePCError as err:
+        await context.abort(status_of(err), f"{type(err).__name__}: {err}")

@@ -1,0 +1,1 @@
+"""threepc.worker."""
