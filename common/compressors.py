@@ -1,4 +1,4 @@
-"""Compressors: `compress(x, rng) -> payload` with their defining constants.
+"""Compressors: `compress(x, r) -> payload` with their defining constants.
 
 ALGORITHMS.md section 1. A contractive compressor C meets E||C(x) - x||^2 <= (1 - alpha)||x||^2;
 an unbiased Q meets E Q(x) = x and E||Q(x) - x||^2 <= omega ||x||^2; an absolute one meets
@@ -6,7 +6,9 @@ an unbiased Q meets E Q(x) = x and E||Q(x) - x||^2 <= omega ||x||^2; an absolute
 worker keeps equals the value the coordinator decodes.
 
 A compressor is a NamedTuple of a pure function and its constants (as functions of d), built by
-a factory registered in `COMPRESSORS` under its config name.
+a factory registered in `COMPRESSORS` under its config name. `compress(x, r)` draws private
+randomness from `r.rng` and randomness shared by all workers of the round from `r.shared(...)`
+(threepc.common.randomness).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from threepc.common.errors import ConfigError
+from threepc.common.randomness import Randomness
 from threepc.common.payloads import (
     DenseVector,
     IndexRule,
@@ -27,7 +30,7 @@ from threepc.common.payloads import (
     to_wire_dtype,
 )
 
-CompressFn = Callable[[np.ndarray, np.random.Generator], VectorPayload]
+CompressFn = Callable[[np.ndarray, Randomness], VectorPayload]
 ConstantFn = Callable[[int], float]
 
 
@@ -56,7 +59,7 @@ def _seed_from(rng: np.random.Generator) -> int:
 def identity(dtype: str = "float32") -> Compressor:
     """C(x) = x: alpha = 1, omega = 0."""
 
-    def compress(x: np.ndarray, rng: np.random.Generator) -> VectorPayload:
+    def compress(x: np.ndarray, r: Randomness) -> VectorPayload:
         return DenseVector(to_wire_dtype(x, dtype), dtype)
 
     return Compressor("identity", compress, alpha=lambda d: 1.0, omega=lambda d: 0.0)
@@ -71,7 +74,7 @@ def top_k(k: int = 1, dtype: str = "float32") -> Compressor:
     """Keep the k entries of largest |x_j| (ties: lowest index): alpha = k/d."""
     _check_k(k, "top_k")
 
-    def compress(x: np.ndarray, rng: np.random.Generator) -> VectorPayload:
+    def compress(x: np.ndarray, r: Randomness) -> VectorPayload:
         d = x.size
         kk = min(k, d)
         if kk == d:
@@ -101,10 +104,10 @@ def rand_k(k: int = 1, unbiased: bool = True, dtype: str = "float32") -> Compres
     """
     _check_k(k, "rand_k")
 
-    def compress(x: np.ndarray, rng: np.random.Generator) -> VectorPayload:
+    def compress(x: np.ndarray, r: Randomness) -> VectorPayload:
         d = x.size
         kk = min(k, d)
-        seed = _seed_from(rng)
+        seed = _seed_from(r.rng)
         idx = seeded_indices(IndexRule.RAND_K, d, seed, kk, 0, 0)
         vals = x[idx] * (d / kk) if unbiased else x[idx]
         return SeededSparseVector(IndexRule.RAND_K, seed, to_wire_dtype(vals, dtype), dtype=dtype)
@@ -131,7 +134,7 @@ def hard_threshold(threshold: float = 0.1, dtype: str = "float32") -> Compressor
     if not threshold > 0:
         raise ConfigError(f"hard_threshold: threshold must be > 0, got {threshold}")
 
-    def compress(x: np.ndarray, rng: np.random.Generator) -> VectorPayload:
+    def compress(x: np.ndarray, r: Randomness) -> VectorPayload:
         idx = np.flatnonzero(np.abs(x) >= threshold).astype(np.int64)
         return SparseVector(x.size, idx, to_wire_dtype(x[idx], dtype), dtype)
 

@@ -25,15 +25,8 @@ from threepc.common.errors import ConfigError
 from threepc.common.mechanisms import Mechanism, WorkerState
 from threepc.common.methods import Smoothness, build_method, stepsize
 from threepc.common.payloads import Message
+from threepc.common.randomness import round_randomness
 from threepc.common.problems import Problem, make_problem
-
-ROUND_STREAM = 0x3C  # separates the per-round worker randomness from any other stream
-
-
-def round_rng(seed: int, t: int, worker_id: int) -> np.random.Generator:
-    """The generator of worker i in round t: both ends can derive it from (seed, t, i)."""
-    return np.random.default_rng([seed, t, worker_id, ROUND_STREAM])
-
 
 def initial_iterate(config: RunConfig, d: int) -> np.ndarray:
     """x^0: N(0, I) drawn as numpy.random.default_rng(seed).normal(0, 1, d), zeros, or a .npy."""
@@ -110,11 +103,11 @@ class WorkerNode:
         """Message for round t at iterate x^t, and (f_i(x^t), grad f_i(x^t)) on diagnostic rounds."""
         x64 = np.asarray(x, dtype=np.float64)
         grad = self.problem.grad(x64)
-        rng = round_rng(self.config.seed, t, self.worker_id)
+        r = round_randomness(self.config.seed, t, self.worker_id, self.config.workers)
         if self.state is None:
-            message, self.state = self.mechanism.first(grad, rng)
+            message, self.state = self.mechanism.first(grad, r)
         else:
-            message, self.state = self.mechanism.step(self.state, grad, rng)
+            message, self.state = self.mechanism.step(self.state, grad, r)
         diagnostics = None
         if t % self.config.diagnostics_every == 0:
             diagnostics = (self.problem.loss(x64), grad)

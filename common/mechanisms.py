@@ -7,7 +7,7 @@ is always `message.apply(h)`: the worker and the coordinator run that same funct
 worker's h and the coordinator's mirror stay bit-identical.
 
 A `Mechanism` is a NamedTuple of pure functions (Optax's `(init, update)`):
-`first(grad, rng) -> (message, state)` for round 0 and `step(state, grad, rng) -> (message, state)`
+`first(grad, r) -> (message, state)` for round 0 and `step(state, grad, r) -> (message, state)`
 for every later round. Compositions (3PCv2, 3PCv3, 3PCv4) wrap 3PC functions; LAG and CLAG wrap
 a 3PC in a trigger.
 """
@@ -21,9 +21,10 @@ import numpy as np
 
 from threepc.common.compressors import Compressor, sqrt_one_minus
 from threepc.common.errors import ConfigError
+from threepc.common.randomness import Randomness
 from threepc.common.payloads import DenseVector, Message, Mode, skip, to_wire_dtype
 
-ThreePointFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.random.Generator], Message]
+ThreePointFn = Callable[[np.ndarray, np.ndarray, np.ndarray, Randomness], Message]
 
 
 class WorkerState(NamedTuple):
@@ -44,8 +45,8 @@ class Mechanism(NamedTuple):
     """A worker mechanism: first round, later rounds, and its 3PC constants."""
 
     name: str
-    first: Callable[[np.ndarray, np.random.Generator], tuple[Message, WorkerState]]
-    step: Callable[[WorkerState, np.ndarray, np.random.Generator], tuple[Message, WorkerState]]
+    first: Callable[[np.ndarray, Randomness], tuple[Message, WorkerState]]
+    step: Callable[[WorkerState, np.ndarray, Randomness], tuple[Message, WorkerState]]
     constants: Callable[[int], Constants]
     skips: bool = False  # whether messages can be lazy skips (metered as a skip rate)
 
@@ -66,15 +67,15 @@ def three_point(
 ) -> Mechanism:
     """A mechanism from a 3PC function: g_i^0 = grad f_i(x^0) (init "full") or C(grad) ("compressed")."""
 
-    def first(grad: np.ndarray, rng: np.random.Generator) -> tuple[Message, WorkerState]:
+    def first(grad: np.ndarray, r: Randomness) -> tuple[Message, WorkerState]:
         if init == "compressed" and initial is not None:
-            message = Message(Mode.REPLACE, (initial.compress(grad, rng),))
+            message = Message(Mode.REPLACE, (initial.compress(grad, r),))
         else:
             message = dense_message(grad, dtype)
         return message, WorkerState(message.apply(np.zeros_like(grad)), grad)
 
-    def step(state: WorkerState, grad: np.ndarray, rng: np.random.Generator) -> tuple[Message, WorkerState]:
-        message = c3pc(state.h, state.y, grad, rng)
+    def step(state: WorkerState, grad: np.ndarray, r: Randomness) -> tuple[Message, WorkerState]:
+        message = c3pc(state.h, state.y, grad, r)
         return message, WorkerState(message.apply(state.h), grad)
 
     return Mechanism(name, first, step, constants, skips)
@@ -97,20 +98,20 @@ def _ef21_constants(alpha: float) -> Constants:
 
 def gd_3pc(dtype: str) -> ThreePointFn:
     """C_{h,y}(x) = x."""
-    return lambda h, y, x, rng: dense_message(x, dtype)
+    return lambda h, y, x, r: dense_message(x, dtype)
 
 
 def ef21_3pc(c: Compressor) -> ThreePointFn:
     """C_{h,y}(x) = h + C(x - h)."""
-    return lambda h, y, x, rng: Message(Mode.DELTA, (c.compress(x - h, rng),))
+    return lambda h, y, x, r: Message(Mode.DELTA, (c.compress(x - h, r),))
 
 
 def lazy(inner: ThreePointFn, zeta: float) -> ThreePointFn:
     """Run `inner` only if ||x - h||^2 > zeta ||x - y||^2 (strict), else keep h at a 1-bit skip."""
 
-    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, rng: np.random.Generator) -> Message:
+    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, r: Randomness) -> Message:
         if float(np.dot(x - h, x - h)) > zeta * float(np.dot(x - y, x - y)):
-            sent = inner(h, y, x, rng)
+            sent = inner(h, y, x, r)
             return Message(sent.mode, sent.parts, sent.flag_bits + 1)
         return skip(1)
 
@@ -120,8 +121,8 @@ def lazy(inner: ThreePointFn, zeta: float) -> ThreePointFn:
 def v1_3pc(c: Compressor, dtype: str) -> ThreePointFn:
     """3PCv1: y + C(x - y). The coordinator does not know y, so y travels dense."""
 
-    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, rng: np.random.Generator) -> Message:
-        return Message(Mode.REPLACE, (DenseVector(to_wire_dtype(y, dtype), dtype), c.compress(x - y, rng)))
+    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, r: Randomness) -> Message:
+        return Message(Mode.REPLACE, (DenseVector(to_wire_dtype(y, dtype), dtype), c.compress(x - y, r)))
 
     return c3pc
 
@@ -129,10 +130,10 @@ def v1_3pc(c: Compressor, dtype: str) -> ThreePointFn:
 def v2_3pc(c: Compressor, q: Compressor) -> ThreePointFn:
     """3PCv2: b + C(x - b) with b = h + Q(x - y)."""
 
-    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, rng: np.random.Generator) -> Message:
-        q_part = q.compress(x - y, rng)
+    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, r: Randomness) -> Message:
+        q_part = q.compress(x - y, r)
         b = Message(Mode.DELTA, (q_part,)).apply(h)
-        return Message(Mode.DELTA, (q_part, c.compress(x - b, rng)))
+        return Message(Mode.DELTA, (q_part, c.compress(x - b, r)))
 
     return c3pc
 
@@ -140,10 +141,10 @@ def v2_3pc(c: Compressor, q: Compressor) -> ThreePointFn:
 def v3_3pc(c: Compressor, inner: ThreePointFn) -> ThreePointFn:
     """3PCv3: b + C(x - b) with b = C1_{h,y}(x), any inner 3PC."""
 
-    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, rng: np.random.Generator) -> Message:
-        first = inner(h, y, x, rng)
+    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, r: Randomness) -> Message:
+        first = inner(h, y, x, r)
         b = first.apply(h)
-        return Message(first.mode, first.parts + (c.compress(x - b, rng),), first.flag_bits)
+        return Message(first.mode, first.parts + (c.compress(x - b, r),), first.flag_bits)
 
     return c3pc
 
@@ -151,10 +152,10 @@ def v3_3pc(c: Compressor, inner: ThreePointFn) -> ThreePointFn:
 def v4_3pc(c1: Compressor, c2: Compressor) -> ThreePointFn:
     """3PCv4: b + C1(x - b) with b = h + C2(x - h)."""
 
-    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, rng: np.random.Generator) -> Message:
-        c2_part = c2.compress(x - h, rng)
+    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, r: Randomness) -> Message:
+        c2_part = c2.compress(x - h, r)
         b = Message(Mode.DELTA, (c2_part,)).apply(h)
-        return Message(Mode.DELTA, (c2_part, c1.compress(x - b, rng)))
+        return Message(Mode.DELTA, (c2_part, c1.compress(x - b, r)))
 
     return c3pc
 
@@ -162,11 +163,11 @@ def v4_3pc(c1: Compressor, c2: Compressor) -> ThreePointFn:
 def v5_3pc(c: Compressor, p: float, dtype: str) -> ThreePointFn:
     """3PCv5: x with probability p, else h + C(x - y); one flag bit says which."""
 
-    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, rng: np.random.Generator) -> Message:
-        if rng.random() < p:
+    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, r: Randomness) -> Message:
+        if r.rng.random() < p:
             full = dense_message(x, dtype)
             return Message(full.mode, full.parts, 1)
-        return Message(Mode.DELTA, (c.compress(x - y, rng),), 1)
+        return Message(Mode.DELTA, (c.compress(x - y, r),), 1)
 
     return c3pc
 
@@ -174,9 +175,9 @@ def v5_3pc(c: Compressor, p: float, dtype: str) -> ThreePointFn:
 def ef21_plus_3pc(c: Compressor) -> ThreePointFn:
     """EF21+: the better of b = C(x) and m = h + C(x - h) by distance to x; one flag bit."""
 
-    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, rng: np.random.Generator) -> Message:
-        plain = Message(Mode.REPLACE, (c.compress(x, rng),), 1)
-        markov = Message(Mode.DELTA, (c.compress(x - h, rng),), 1)
+    def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, r: Randomness) -> Message:
+        plain = Message(Mode.REPLACE, (c.compress(x, r),), 1)
+        markov = Message(Mode.DELTA, (c.compress(x - h, r),), 1)
         d = x.size
         err_plain = float(np.sum((plain.dense(d) - x) ** 2))
         err_markov = float(np.sum((markov.apply(h) - x) ** 2))

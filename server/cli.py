@@ -167,7 +167,8 @@ def _report(summary: dict, out: str) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("config_file", type=click.Path(dir_okay=False))
-@click.option("--listen", default="0.0.0.0:50051", show_default=True, help="Address:port to serve on.")
+@click.option("--listen", default="0.0.0.0:50051", show_default=True, envvar="THREEPC_LISTEN",
+              help="Address:port to serve on (or THREEPC_LISTEN).")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/latest", show_default=True,
               help="Folder for metrics.jsonl and summary.json.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -216,7 +217,8 @@ def serve(config_file: str, listen: str, out: str, quiet: bool, workers: int | N
 @cli.command(context_settings=CONTEXT)
 @click.option("--coordinator", "-c", required=True, help="HOST:PORT of the coordinator.")
 @click.option("--data", "-d", help="Data set (path or name) to take this worker's shard from; default: the run's.")
-@click.option("--worker-id", type=int, default=-1, show_default=True, help="Worker id to ask for (-1: any free one).")
+@click.option("--worker-id", type=int, default=-1, show_default=True, envvar="THREEPC_WORKER_ID",
+              help="Worker id to ask for, which picks the shard (-1: any free one; or THREEPC_WORKER_ID).")
 @click.option("--token", envvar="THREEPC_TOKEN", default="", help="Join token (or THREEPC_TOKEN).")
 @click.option("--connect-timeout", type=float, default=60.0, show_default=True,
               help="Seconds to keep retrying while the coordinator is not up.")
