@@ -131,11 +131,11 @@ def _bits_to_uints(bits: npt.NDArray[np.uint8], count: int, width: int) -> IntAr
     if width == 0 or count == 0:
         return np.zeros(count, np.int64)
     fields = bits[: count * width].reshape(count, width)
-    acc = np.zeros(count, np.uint32 if width <= 32 else np.uint64)
+    acc: npt.NDArray[np.unsignedinteger] = np.zeros(count, np.uint32 if width <= 32 else np.uint64)
     if width < 8:
         for j in range(width):  # one pass per bit-plane
-            acc <<= 1
-            acc |= fields[:, j]
+            np.left_shift(acc, 1, out=acc)
+            np.bitwise_or(acc, fields[:, j], out=acc)
         return acc.astype(np.int64)
     nb = -(-width // 8)
     if nb * 8 != width:  # left-pad each field to whole bytes
@@ -144,8 +144,8 @@ def _bits_to_uints(bits: npt.NDArray[np.uint8], count: int, width: int) -> IntAr
         fields = padded
     raw = np.packbits(fields.ravel()).reshape(count, nb)
     for j in range(nb):  # one pass per byte, most significant first
-        acc <<= 8
-        acc |= raw[:, j]
+        np.left_shift(acc, 8, out=acc)
+        np.bitwise_or(acc, raw[:, j], out=acc)
     return acc.astype(np.int64)
 
 
@@ -290,10 +290,10 @@ def _gaps(x: IntArray, d: int) -> npt.NDArray[np.signedinteger]:
     int32 when d < 2^31: every gap, quotient and unary position is then below d, and the half-size
     arrays make the division (libdivide) and the unary scatter about twice as fast.
     """
-    g = np.empty(x.size, np.int32 if d < 2**31 else np.int64)
+    g: npt.NDArray[np.signedinteger] = np.empty(x.size, np.int32 if d < 2**31 else np.int64)
     g[0] = x[0]
     np.subtract(x[1:], x[:-1], out=g[1:], casting="unsafe")
-    g[1:] -= 1
+    np.subtract(g[1:], 1, out=g[1:])
     return g
 
 
@@ -362,10 +362,10 @@ def _encode_golomb(x: IntArray, d: int, m: int) -> npt.NDArray[np.uint8]:
     b = (m - 1).bit_length()
     u = (1 << b) - m
     ru = r + u
-    long_ = np.flatnonzero(r >= u)  # integer take is much cheaper than a boolean mask gather
-    a = r.copy()
-    a[long_] = ru.take(long_) >> 1
-    extra = (ru.take(long_) & 1).astype(np.uint8)
+    long_ = r >= u
+    a = np.where(long_, ru >> 1, r)
+    # An integer take is several times cheaper than a boolean-mask gather.
+    extra = (ru.take(np.flatnonzero(long_)) & 1).astype(np.uint8)
     return np.concatenate([header, _uints_to_bits(a, b - 1), extra, _unary(q)])
 
 

@@ -90,7 +90,6 @@ class RunConfig(_Frozen):
     init: Literal["full", "compressed"] = Field("full", description="g_i^0 = grad f_i(x^0) or C of it")
     diagnostics_every: int = Field(1, ge=1, description="rounds between loss/||grad f||^2 figures")
     round_timeout_s: float = Field(120.0, gt=0, description="how long a round waits for updates")
-    token: str = Field("", description="join token workers must present (empty: none)")
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

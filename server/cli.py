@@ -121,7 +121,7 @@ def run(config_file: str, out: str, in_process: bool, quiet: bool, workers: int 
     try:
         if in_process:
             result = run_in_process(the_plan, on_round)
-            rows = result.rows
+            rows, x_final = result.rows, result.x
             extra: dict[str, Any] = {"per_worker": [{"worker_id": i, **m} for i, m in enumerate(result.per_worker)]}
         else:
             rows_seen: list[dict] = []
@@ -131,7 +131,7 @@ def run(config_file: str, out: str, in_process: bool, quiet: bool, workers: int 
                 on_round(row)
 
             extra = asyncio.run(run_local(the_plan, Path(out), on_round_distributed))
-            rows = rows_seen
+            rows, x_final = rows_seen, extra.pop("x_final")
     finally:
         progress.stop()
     summary = {
@@ -144,7 +144,7 @@ def run(config_file: str, out: str, in_process: bool, quiet: bool, workers: int 
         "first": rows[0] if rows else None,
         **extra,
     }
-    log.close(summary)
+    log.close(summary, x_final)
     _report(summary, out)
 
 
@@ -171,9 +171,10 @@ def _report(summary: dict, out: str) -> None:
               help="Address:port to serve on (or THREEPC_LISTEN).")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/latest", show_default=True,
               help="Folder for metrics.jsonl and summary.json.")
+@click.option("--token", envvar="THREEPC_TOKEN", default="", help="Join token workers must present (or THREEPC_TOKEN).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @config_options
-def serve(config_file: str, listen: str, out: str, quiet: bool, workers: int | None, rounds: int | None, seed: int | None) -> None:
+def serve(config_file: str, listen: str, out: str, token: str, quiet: bool, workers: int | None, rounds: int | None, seed: int | None) -> None:
     """Run the coordinator of CONFIG_FILE alone; workers join with `threepc worker`.
 
     The rounds start once every one of the config's n workers has joined and is ready.
@@ -196,7 +197,7 @@ def serve(config_file: str, listen: str, out: str, quiet: bool, workers: int | N
 
     started = time.perf_counter()
     try:
-        coordinator = asyncio.run(serve_run(the_plan, listen, on_round, on_listening))
+        coordinator = asyncio.run(serve_run(the_plan, listen, on_round, on_listening, token))
     finally:
         progress.stop()
     rows = coordinator.rows
@@ -210,7 +211,7 @@ def serve(config_file: str, listen: str, out: str, quiet: bool, workers: int | N
         "first": rows[0] if rows else None,
         **coordinator_summary(coordinator),
     }
-    log.close(summary)
+    log.close(summary, coordinator.agg.x)
     _report(summary, out)
 
 

@@ -10,6 +10,7 @@ in-process engine drives. Each stream's bytes are metered where they are read an
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Callable
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from threepc.common import codec, config as config_mod
 from threepc.common.engine import Aggregator, Plan
@@ -65,8 +67,9 @@ RowCallback = Callable[[dict], None]
 class Coordinator:
     """Registers workers, runs the rounds, meters every byte. One instance per run."""
 
-    def __init__(self, plan: Plan, on_round: RowCallback | None = None):
+    def __init__(self, plan: Plan, on_round: RowCallback | None = None, token: str = ""):
         self.plan = plan
+        self.token = token  # a deployment secret, never part of the run's config
         self.config = plan.config
         self.agg = Aggregator(plan)
         self.on_round = on_round
@@ -89,7 +92,7 @@ class Coordinator:
     async def _serve_stream(self, context: grpc.aio.ServicerContext, inbound: Reassembler, meter: Meter) -> None:
         """Join -> Welcome -> Ready, then write this worker's frames until the run ends."""
         join = await self._expect(context, inbound, "join")
-        if self.config.token and join.join.token != self.config.token:
+        if self.token and not hmac.compare_digest(join.join.token.encode(), self.token.encode()):
             raise AuthError("join token missing or wrong")
         link = self._register(join.join.requested_id, context.peer(), meter)
         try:
@@ -257,6 +260,11 @@ async def start_server(
         {"Train": grpc.stream_stream_rpc_method_handler(coordinator.train)},
     )
     server.add_generic_rpc_handlers((handler,))
+    # The standard grpc.health.v1 service, for load balancers and Kubernetes gRPC probes.
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     port = server.add_insecure_port(listen)
     if port == 0:
         raise TransportError(f"cannot listen on {listen}")

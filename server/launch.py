@@ -42,9 +42,15 @@ def coordinator_summary(coordinator: Coordinator) -> dict[str, Any]:
     }
 
 
-async def serve(plan: Plan, listen: str, on_round: RowCallback | None = None, on_listening: Callable[[int], None] | None = None) -> Coordinator:
+async def serve(
+    plan: Plan,
+    listen: str,
+    on_round: RowCallback | None = None,
+    on_listening: Callable[[int], None] | None = None,
+    token: str = "",
+) -> Coordinator:
     """Listen on `listen`, run the rounds once every worker is ready, stop gracefully."""
-    coordinator = Coordinator(plan, on_round)
+    coordinator = Coordinator(plan, on_round, token)
     server, port = await start_server(coordinator, listen)
     if on_listening:
         on_listening(port)
@@ -71,7 +77,6 @@ async def run_local(plan: Plan, out_dir: Path, on_round: RowCallback | None = No
                     "--coordinator", f"127.0.0.1:{port}",
                     "--worker-id", str(i),
                     "--report", str(workers_dir / f"worker-{i}.json"),
-                    "--token", plan.config.token,
                     stdout=log_file, stderr=log_file, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 )
             )
@@ -101,6 +106,7 @@ async def run_local(plan: Plan, out_dir: Path, on_round: RowCallback | None = No
                 await p.wait()
         await server.stop(5)
     summary = coordinator_summary(coordinator)
+    summary["x_final"] = coordinator.agg.x
     for entry in summary["per_worker"]:
         report = workers_dir / f"worker-{entry['worker_id']}.json"
         worker_meter = json.loads(report.read_text())["meter"] if report.exists() else None

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from threepc.common.engine import Plan
 
 
@@ -22,8 +24,11 @@ class RunLog:
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
 
-    def close(self, summary: dict[str, Any]) -> None:
+    def close(self, summary: dict[str, Any], x_final: np.ndarray | None = None) -> None:
+        """Write summary.json and the final iterate (x_final.npy, for exact comparisons)."""
         self._metrics.close()
+        if x_final is not None:
+            np.save(self.out / "x_final.npy", x_final, allow_pickle=False)
         write_json_atomic(self.out / "summary.json", summary)
 
 

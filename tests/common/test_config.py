@@ -1,0 +1,40 @@
+import pytest
+
+from threepc.common import config
+from threepc.common.errors import ConfigError
+
+
+def test_defaults_run_and_components_take_both_forms() -> None:
+    a = config.parse({"compressor": "top_k"})
+    b = config.parse({"compressor": {"name": "top_k", "k": 5}})
+    assert a.compressor.name == b.compressor.name == "top_k"
+    assert b.compressor.params == {"k": 5}
+    assert config.parse({}).method.name == "ef21"
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"wrokers": 3}, "wrokers: unknown field"),
+        ({"workers": 0}, "workers:"),
+        ({"data": {"split": "random"}}, "data.split:"),
+        ({"wire": {"value_dtype": "int8"}}, "wire.value_dtype:"),
+        ({"stepsize": -1.0}, "stepsize"),
+    ],
+)
+def test_bad_fields_are_named(data: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        config.parse(data, "run.toml")
+
+
+def test_json_round_trip_is_exact() -> None:
+    c = config.parse({"compressor": {"name": "top_k", "k": 5}, "stepsize": 0.5})
+    assert config.from_json(config.to_json(c)) == c
+
+
+def test_unknown_compressor_parameter_is_refused() -> None:
+    from threepc.common.methods import build_method
+
+    c = config.parse({"compressor": {"name": "top_k", "kk": 5}})
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        build_method(c, 10)

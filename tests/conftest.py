@@ -1,0 +1,62 @@
+"""Shared test helpers: small configs, the CLI as a subprocess, shared/ data when present."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+SMALL = """
+workers = 3
+rounds = 40
+seed = 7
+method = "ef21"
+stepsize_multiplier = 4.0
+[compressor]
+name = "top_k"
+k = 3
+[data]
+dataset = "synthetic"
+rows = 600
+dim = 40
+"""
+
+
+@pytest.fixture
+def small_config(tmp_path: Path) -> Path:
+    return write_config(tmp_path / "small.toml", SMALL)
+
+
+def threepc(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the `threepc` CLI as a user would (a new process), capturing its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "threepc.server.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def read_rows(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def requires_shared_data(name: str) -> Any:
+    return pytest.mark.skipif(
+        not (SHARED_DATA / f"{name}.bz2").exists(), reason=f"{name}.bz2 not in {SHARED_DATA}"
+    )
