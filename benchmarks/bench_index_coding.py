@@ -79,14 +79,14 @@ def _row(
     return f"{kind:<13} {d:>9.0e} {k / d:>7.2%} {coding:<12} {sizes} {enc:>9.2f} {dec_s}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d", type=float, nargs="+", default=[1e6, 1e7])
     parser.add_argument("--density", type=float, nargs="+", default=[0.0001, 0.001, 0.01, 0.1, 0.3])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--all-codings", action="store_true", help="also time each coding forced")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     rng = np.random.default_rng(args.seed)
     print(HEADER)

@@ -65,7 +65,8 @@ def local_problem(config: RunConfig, shard: data_mod.Dataset) -> Problem:
 class Plan:
     """What the coordinator resolves before round 0."""
 
-    config: RunConfig
+    config: RunConfig  # as the user gave it
+    resolved: RunConfig  # what workers run: the stepsize resolved to gamma
     dim: int
     gamma: float
     smoothness: Smoothness
@@ -82,8 +83,9 @@ def plan(config: RunConfig) -> Plan:
     )
     L_minus = local_problem(config, full).smoothness()
     smooth = Smoothness(L_minus, float(np.sqrt(np.mean(np.square(L_i)))), L_i)
-    mechanism = build_method(config, d)
-    return Plan(config, d, stepsize(config, mechanism, d, smooth), smooth, initial_iterate(config, d), full.source)
+    gamma = stepsize(config, build_method(config.model_copy(update={"stepsize": 1.0}), d), d, smooth)
+    resolved = config.model_copy(update={"stepsize": gamma, "stepsize_multiplier": 1.0})
+    return Plan(config, resolved, d, gamma, smooth, initial_iterate(config, d), full.source)
 
 
 class WorkerNode:
@@ -130,7 +132,7 @@ class Aggregator:
     Fields by role:
     - the method: `x` (x^t), `mirrors[i]` (g_i^t, what worker i's messages built), `g_sum`
       (sum of the mirrors, kept incrementally so a round costs what its messages change);
-    - the run: `gamma`, `n`, `t` (the round being collected);
+    - the run: `step_scale` (gamma, or 1 for EF), `n`, `t` (the round being collected);
     - metering: `meters[i]` (bits per worker), `skips_round`.
     `apply` must see a round's messages in worker-id order so that both transports add in the
     same order.
@@ -139,7 +141,8 @@ class Aggregator:
     def __init__(self, plan: Plan):
         self.n = plan.config.workers
         self.d = plan.dim
-        self.gamma = plan.gamma
+        # EF's workers scale their messages by gamma themselves; the coordinator then steps by 1.
+        self.step_scale = 1.0 if build_method(plan.resolved, plan.dim).worker_scales else plan.gamma
         self.state_dtype = np.dtype(plan.config.wire.iterate_dtype)
         self.x = plan.x0.copy()
         self.mirrors = np.zeros((self.n, self.d))
@@ -186,7 +189,7 @@ class Aggregator:
         row["value_bits_up_per_worker"] = sum(m.value_bits for m in self.meters) / self.n
         row["skips"] = self.skips_round
         g = self.g_sum / self.n
-        self.x = (self.x - self.gamma * g).astype(self.state_dtype)
+        self.x = (self.x - self.step_scale * g).astype(self.state_dtype)
         self.t += 1
         self.skips_round = 0
         self._grad_sum, self._loss_sum, self._diag_count = None, 0.0, 0
@@ -206,7 +209,7 @@ class RunResult:
 
 def run_in_process(plan_: Plan, on_round: RoundCallback | None = None) -> RunResult:
     """The reference engine: every worker and the coordinator as function calls, no transport."""
-    config = plan_.config
+    config = plan_.resolved
     full = load_data(config)
     nodes = [
         WorkerNode(config, i, local_problem(config, load_shard(config, i, full)))

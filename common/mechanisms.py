@@ -49,6 +49,7 @@ class Mechanism(NamedTuple):
     step: Callable[[WorkerState, np.ndarray, Randomness], tuple[Message, WorkerState]]
     constants: Callable[[int], Constants]
     skips: bool = False  # whether messages can be lazy skips (metered as a skip rate)
+    worker_scales: bool = False  # True: messages are already scaled by gamma (EF); the coordinator steps by 1
 
 
 def dense_message(x: np.ndarray, dtype: str) -> Message:
@@ -184,3 +185,54 @@ def ef21_plus_3pc(c: Compressor) -> ThreePointFn:
         return plain if err_plain < err_markov else markov
 
     return c3pc
+
+
+# ----------------------------------------------------------------------------- beyond 3PC
+
+COIN = 0xC011  # tag of MARINA's coin in the round's shared randomness
+
+
+def marina(q: Compressor, p: float, dtype: str) -> Mechanism:
+    """MARINA (Gorbunov et al. 2021; ALGORITHMS.md section 3).
+
+    One coin c_t ~ Bernoulli(p) per round, the same for every worker (drawn from the round's
+    shared randomness, so the coordinator knows it and no flag is sent). c_t = 1: send
+    grad f_i(x^{t+1}) dense; else Q(grad f_i(x^{t+1}) - grad f_i(x^t)), added to the mirror.
+    """
+
+    def first(grad: np.ndarray, r: Randomness) -> tuple[Message, WorkerState]:
+        message = dense_message(grad, dtype)
+        return message, WorkerState(message.apply(np.zeros_like(grad)), grad)
+
+    def step(state: WorkerState, grad: np.ndarray, r: Randomness) -> tuple[Message, WorkerState]:
+        if r.shared(COIN).random() < p:
+            message = dense_message(grad, dtype)
+        else:
+            message = Message(Mode.DELTA, (q.compress(grad - state.y, r),))
+        return message, WorkerState(message.apply(state.h), grad)
+
+    return Mechanism("marina", first, step, lambda d: Constants(1.0, 0.0))
+
+
+class ErrorFeedbackState(NamedTuple):
+    """EF's worker state."""
+
+    e: np.ndarray  # e_i^k: what compression has left unsent so far
+
+
+def error_feedback(c: Compressor, gamma: float) -> Mechanism:
+    """EF / EC-SGD (Seide et al. 2014; Danilova and Gorbunov 2022; ALGORITHMS.md section 4).
+
+    v_i = C(e_i + gamma g_i) is sent, e_i <- e_i + gamma g_i - v_i, and the coordinator steps
+    x <- x - mean_i v_i: the stepsize is applied by the worker (`worker_scales`).
+    """
+
+    def step(state: ErrorFeedbackState, grad: np.ndarray, r: Randomness) -> tuple[Message, ErrorFeedbackState]:
+        corrected = state.e + gamma * grad
+        message = Message(Mode.REPLACE, (c.compress(corrected, r),))
+        return message, ErrorFeedbackState(corrected - message.dense(grad.size))
+
+    def first(grad: np.ndarray, r: Randomness) -> tuple[Message, ErrorFeedbackState]:
+        return step(ErrorFeedbackState(np.zeros_like(grad)), grad, r)
+
+    return Mechanism("ef14", first, step, lambda d: Constants(1.0, 0.0), worker_scales=True)  # type: ignore[arg-type]

@@ -33,7 +33,7 @@ def _sub_compressor(spec: Any, dtype: str, what: str) -> Compressor:
 
 def _omega(q: Compressor, d: int) -> float:
     if q.omega is None:
-        raise ConfigError(f"{q.name} is not unbiased; 3PCv2's q must be")
+        raise ConfigError(f"{q.name} is not unbiased; this method needs an unbiased compressor")
     return q.omega(d)
 
 
@@ -103,11 +103,35 @@ THREE_POINT: dict[str, str] = {
 }
 
 
+# Methods outside the 3PC family, with their parameters.
+OTHER: dict[str, str] = {
+    "marina": "p=zeta_Q/d (probability of a full round); compressor must be unbiased",
+    "ef14": "none; EF / EC-SGD, needs an explicit stepsize",
+}
+
+
+def _marina_p(config: RunConfig, c: Compressor, d: int) -> float:
+    p = float(config.method.params.get("p", c.density(d)))
+    if not 0 < p <= 1:
+        raise ConfigError(f"marina: p must be in (0, 1], got {p}")
+    return p
+
+
 def build_method(config: RunConfig, d: int) -> m.Mechanism:
     """The run's worker mechanism at dimension d."""
     dtype = config.wire.value_dtype
     c = make_compressor(config.compressor.name, config.compressor.params, dtype)
     name = config.method.name
+    if name in OTHER:
+        unknown = set(config.method.params) - ({"p"} if name == "marina" else set())
+        if unknown:
+            raise ConfigError(f"method {name!r}: unknown parameter(s) {', '.join(sorted(unknown))}")
+        if name == "marina":
+            _omega(c, d)
+            return m.marina(c, _marina_p(config, c, d), dtype)
+        if not isinstance(config.stepsize, float):
+            raise ConfigError("ef14: give an explicit stepsize (the paper states no closed form for it)")
+        return m.error_feedback(c, config.stepsize * config.stepsize_multiplier)
     fn, constants, skips = _build_3pc(name, config.method.params, c, dtype, d)
     return m.three_point(
         name, fn, lambda _d: constants, dtype, init=config.init, initial=c, skips=skips
@@ -120,9 +144,23 @@ def theory_stepsize(mechanism: m.Mechanism, d: int, smooth: Smoothness) -> float
     return 1.0 / (smooth.L_minus + smooth.L_plus * math.sqrt(b / a))
 
 
+def marina_stepsize(config: RunConfig, d: int, smooth: Smoothness) -> float:
+    """gamma = 1 / (L_- + L_+ sqrt((1 - p) omega / (p n))) (MARINA, Theorem 2.1)."""
+    c = make_compressor(config.compressor.name, config.compressor.params, config.wire.value_dtype)
+    p, omega = _marina_p(config, c, d), _omega(c, d)
+    return 1.0 / (smooth.L_minus + smooth.L_plus * math.sqrt((1 - p) * omega / (p * config.workers)))
+
+
 def stepsize(config: RunConfig, mechanism: m.Mechanism, d: int, smooth: Smoothness) -> float:
     """The run's gamma: explicit, or the theory's, times the multiplier."""
-    base = config.stepsize if isinstance(config.stepsize, float) else theory_stepsize(mechanism, d, smooth)
+    if isinstance(config.stepsize, float):
+        base = config.stepsize
+    elif config.method.name == "ef14":
+        raise ConfigError("ef14: give an explicit stepsize (the paper states no closed form for it)")
+    elif config.method.name == "marina":
+        base = marina_stepsize(config, d, smooth)
+    else:
+        base = theory_stepsize(mechanism, d, smooth)
     return base * config.stepsize_multiplier
 
 

@@ -70,15 +70,43 @@ class Grid(enum.IntEnum):
     RANGE = 4  # IQ, CQ: offset + scale * level / (levels - 1), unsigned
 
 
+def perm_k_block(d: int, seed: int, block: int, blocks: int) -> tuple[IndexArray, float]:
+    """PermK (Szlendak et al. 2021): worker `block` of `blocks`' sorted coordinates and the factor
+    its values are scaled by, drawn identically on both ends from the round's shared seed.
+
+    blocks = n <= d: the paper's d = q n case, generalized by padding d with zero coordinates to
+    q n, q = ceil(d / n): a permutation of the q n slots, worker i takes slots [i q, (i + 1) q)
+    and keeps those that are real coordinates (< d), scaled by n. Every coordinate lies in
+    exactly one block and in worker i's with probability q / (q n) = 1/n, so each worker is
+    unbiased and the mean of the n outputs is exact on equal inputs. For n | d it is the paper's
+    definition (blocks of q, scale n).
+    blocks = n > d: the paper's n = q d case (each coordinate sent by q workers, scaled by d),
+    generalized to n = q d + r: a permutation pi of the n workers and sigma of the d coordinates;
+    worker i takes slot s = pi(i) mod d, i.e. coordinate sigma(s), which c_s = q + [s < r]
+    workers share, scaled by n / c_s. Unbiased: sum_s P(slot s) P(sigma(s) = j) n / c_s
+    = sum_s (c_s / n)(1 / d)(n / c_s) = 1; the mean is exact on equal inputs.
+    """
+    if not (0 < blocks and 0 <= block < blocks):
+        raise ValueError(f"perm_k: block {block} of {blocks} invalid")
+    rng = np.random.default_rng(seed)
+    if blocks <= d:
+        q = -(-d // blocks)
+        slots = rng.permutation(q * blocks)[block * q : (block + 1) * q]
+        return _readonly(np.sort(slots[slots < d]).astype(np.int64)), float(blocks)
+    worker_slot = rng.permutation(blocks)
+    coordinate = rng.permutation(d)
+    slot = int(worker_slot[block]) % d
+    holders = blocks // d + (1 if slot < blocks % d else 0)
+    return _readonly(np.array([coordinate[slot]], dtype=np.int64)), blocks / holders
+
+
 def seeded_indices(rule: IndexRule, d: int, seed: int, k: int, block: int, blocks: int) -> IndexArray:
     """The sorted coordinates of a seeded sparse payload, drawn identically on both ends."""
-    rng = np.random.default_rng(seed)
     if rule is IndexRule.RAND_K:
+        rng = np.random.default_rng(seed)
         return _readonly(np.sort(rng.choice(d, size=k, replace=False)).astype(np.int64))
     if rule is IndexRule.PERM_K:
-        perm = rng.permutation(d)
-        bounds = np.linspace(0, d, blocks + 1).round().astype(np.int64)
-        return _readonly(np.sort(perm[bounds[block] : bounds[block + 1]]).astype(np.int64))
+        return perm_k_block(d, seed, block, blocks)[0]
     raise ValueError(f"unknown index rule {rule!r}")
 
 
@@ -198,8 +226,9 @@ class QuantizedVector:
 class SignVector:
     """scale * sign(x), optionally after a seeded randomized Hadamard rotation (DRIVE).
 
-    The rotation itself is applied and undone by the compressor that made the payload, which
-    sets `decode`; the wire carries only the seed.
+    Unrotated: d signs. Rotated: d' = threepc.common.hadamard.padded_size(d) signs (the rotation
+    pads d to a power of two) that `dense(d)` rotates back and truncates to d; the wire carries
+    only the seed of the rotation.
     """
 
     scale: float
@@ -222,7 +251,42 @@ class SignVector:
         return self.bits()
 
 
-VectorPayload = Union[DenseVector, SparseVector, SeededSparseVector, QuantizedVector, SignVector]
+@dataclass(frozen=True, eq=False)
+class SeededQuantizedVector:
+    """A quantized block at seeded coordinates (PermK + CQ, Algorithm 3 of the CQ paper).
+
+    The coordinates are PermK's block `block` of `blocks` drawn from `seed` (`perm_k_block`),
+    and `quantized` holds one level per coordinate of that block, in increasing coordinate
+    order. On the wire: the seed, block and blocks (like `SeededSparseVector`) and the
+    quantized block (like `QuantizedVector`, whose count is the block's size).
+    """
+
+    rule: IndexRule
+    seed: int
+    block: int
+    blocks: int
+    quantized: QuantizedVector
+
+    def indices(self, d: int) -> IndexArray:
+        k = int(self.quantized.level_codes.size)
+        return seeded_indices(self.rule, d, self.seed, k, self.block, self.blocks)
+
+    def dense(self, d: int) -> np.ndarray:
+        out = np.zeros(d)
+        idx = self.indices(d)
+        out[idx] = self.quantized.dense(int(idx.size))
+        return out
+
+    def bits(self) -> int:
+        return self.quantized.bits()
+
+    def value_bits(self) -> int:
+        return self.bits()
+
+
+VectorPayload = Union[
+    DenseVector, SparseVector, SeededSparseVector, QuantizedVector, SignVector, SeededQuantizedVector
+]
 
 
 class Mode(enum.IntEnum):

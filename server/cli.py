@@ -233,16 +233,36 @@ def worker(coordinator: str, data: str | None, worker_id: int, token: str, conne
     click.echo(f"worker {summary['worker_id']}: {summary['rounds']} rounds done", err=True)
 
 
+@cli.command(context_settings={**CONTEXT, "ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("which", type=click.Choice(["wire", "rounds", "index-coding"]))
+@click.pass_context
+def bench(ctx: click.Context, which: str) -> None:
+    """Run a benchmark and print its figures (never fails on timing).
+
+    \b
+      threepc bench wire [--json] [--d 1e6]      payload kinds: bytes vs the information limit
+      threepc bench rounds [--json] [--n 8] ...  rounds/s vs a bare gRPC stream and in-process
+      threepc bench index-coding                 the sparse index codings alone
+
+    Options after WHICH go to the benchmark (`threepc bench wire --help`).
+    """
+    import importlib
+
+    module = {"wire": "bench_wire", "rounds": "bench_rounds", "index-coding": "bench_index_coding"}[which]
+    code = importlib.import_module(f"threepc.benchmarks.{module}").main(list(ctx.args))
+    sys.exit(code or 0)
+
+
 @cli.command(context_settings=CONTEXT)
 def methods() -> None:
     """List every method and compressor with its parameters and constants."""
     import inspect
 
     from threepc.common.compressors import COMPRESSORS
-    from threepc.common.methods import THREE_POINT
+    from threepc.common.methods import OTHER, THREE_POINT
 
-    click.echo("methods (method = NAME, parameters in [method]):")
-    for name, params in THREE_POINT.items():
+    click.echo("methods (method = NAME, or a table with name and parameters):")
+    for name, params in {**THREE_POINT, **OTHER}.items():
         click.echo(f"  {name:12s} {params}")
     click.echo("compressors (compressor = NAME, parameters in [compressor]):")
     for name, factory in COMPRESSORS.items():

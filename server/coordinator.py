@@ -78,7 +78,7 @@ class Coordinator:
         self.finished = asyncio.Event()
         self.rows: list[dict] = []
         self.started_at: float | None = None
-        self._config_json = config_mod.to_json(self.config)
+        self._config_json = config_mod.to_json(plan.resolved)
 
     # ------------------------------------------------------------------ the stream
 

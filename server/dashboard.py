@@ -18,8 +18,9 @@ import asyncio
 import bisect
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -88,17 +89,23 @@ def worker_state(coordinator: Coordinator, worker_id: int) -> dict[str, Any]:
     return entry
 
 
-def snapshot(coordinator: Coordinator, since: int = 0, *, with_config: bool = True) -> dict[str, Any]:
+def snapshot(
+    coordinator: Coordinator, since: int = 0, *, with_config: bool = True
+) -> dict[str, Any]:
     """The run now: its workers, and its rows of rounds >= `since`; `next` is the next `since`."""
     rows = coordinator.rows
     start = bisect.bisect_left(rows, since, key=lambda row: row["round"])
     started = coordinator.started_at
+    if coordinator.finished.is_set() and rows:
+        elapsed: float | None = rows[-1]["elapsed_s"]  # the run's, not the dashboard's lifetime
+    else:
+        elapsed = time.perf_counter() - started if started is not None else None
     state: dict[str, Any] = {
         "round": coordinator.agg.t,  # rounds closed so far
         "rounds_planned": coordinator.config.rounds,
         "workers_expected": coordinator.config.workers,
         "started": started is not None,
-        "elapsed_s": time.perf_counter() - started if started is not None else None,
+        "elapsed_s": elapsed,
         "finished": coordinator.finished.is_set(),
         "workers": [worker_state(coordinator, i) for i in range(coordinator.config.workers)],
         "since": since,
@@ -124,28 +131,55 @@ class CoordinatorCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         c = self.coordinator
         workers = [worker_state(c, i) for i in range(c.config.workers)]
-        latest = next((row for row in reversed(c.rows) if row.get("grad_norm_sq") is not None), None)
+        latest = next(
+            (row for row in reversed(c.rows) if row.get("grad_norm_sq") is not None), None
+        )
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, value=value)
 
-        yield gauge("threepc_round", "Rounds the coordinator has closed (the round now collected).", c.agg.t)
+        yield gauge(
+            "threepc_round", "Rounds the coordinator has closed (the round now collected).", c.agg.t
+        )
         yield gauge("threepc_rounds_planned", "Rounds the run's config asks for.", c.config.rounds)
-        yield gauge("threepc_finished", "1 once the run has ended (finished or stopped).", c.finished.is_set())
+        yield gauge(
+            "threepc_finished",
+            "1 once the run has ended (finished or stopped).",
+            c.finished.is_set(),
+        )
         yield gauge("threepc_workers_expected", "Workers the run needs (n).", c.config.workers)
         yield gauge(
-            "threepc_workers_connected", "Workers ready and streaming.",
+            "threepc_workers_connected",
+            "Workers ready and streaming.",
             sum(w["state"] == "connected" for w in workers),
         )
         if c.started_at is not None:
-            yield gauge("threepc_elapsed_seconds", "Seconds since round 0 started.", time.perf_counter() - c.started_at)
+            yield gauge(
+                "threepc_elapsed_seconds",
+                "Seconds since round 0 started.",
+                time.perf_counter() - c.started_at,
+            )
         if latest is not None:
-            yield gauge("threepc_grad_norm_sq", "||grad f(x^t)||^2 at the latest round with diagnostics.", latest["grad_norm_sq"])
-            yield gauge("threepc_loss", "f(x^t) at the latest round with diagnostics.", latest["loss"])
+            yield gauge(
+                "threepc_grad_norm_sq",
+                "||grad f(x^t)||^2 at the latest round with diagnostics.",
+                latest["grad_norm_sq"],
+            )
+            yield gauge(
+                "threepc_loss", "f(x^t) at the latest round with diagnostics.", latest["loss"]
+            )
 
         per_worker: list[tuple[str, str, str]] = [
-            ("threepc_payload_bits", "Bits of the method's messages, indices and flags included.", "bits"),
-            ("threepc_payload_value_bits", "Bits of the values alone (the papers' convention).", "value_bits"),
+            (
+                "threepc_payload_bits",
+                "Bits of the method's messages, indices and flags included.",
+                "bits",
+            ),
+            (
+                "threepc_payload_value_bits",
+                "Bits of the values alone (the papers' convention).",
+                "value_bits",
+            ),
             ("threepc_updates", "Update messages applied.", "messages"),
             ("threepc_skips", "Updates that were skips (lazy methods).", "skips"),
         ]
@@ -156,8 +190,16 @@ class CoordinatorCollector(Collector):
             yield family
 
         for name, doc, key in [
-            ("threepc_wire_received_bytes", "Bytes the coordinator received from a worker (gRPC frame included).", "up_bytes"),
-            ("threepc_wire_sent_bytes", "Bytes the coordinator sent to a worker (gRPC frame included).", "down_bytes"),
+            (
+                "threepc_wire_received_bytes",
+                "Bytes the coordinator received from a worker (gRPC frame included).",
+                "up_bytes",
+            ),
+            (
+                "threepc_wire_sent_bytes",
+                "Bytes the coordinator sent to a worker (gRPC frame included).",
+                "down_bytes",
+            ),
         ]:
             family = CounterMetricFamily(name, doc, labels=["worker", "category"])
             for w in workers:
@@ -165,8 +207,16 @@ class CoordinatorCollector(Collector):
                     family.add_metric([str(w["worker_id"]), category], w[key][category])
             yield family
 
-        last_round = GaugeMetricFamily("threepc_worker_last_round", "Latest round of a worker's applied update.", labels=["worker"])
-        lag = GaugeMetricFamily("threepc_worker_lag_rounds", "Rounds closed since a worker's latest applied update.", labels=["worker"])
+        last_round = GaugeMetricFamily(
+            "threepc_worker_last_round",
+            "Latest round of a worker's applied update.",
+            labels=["worker"],
+        )
+        lag = GaugeMetricFamily(
+            "threepc_worker_lag_rounds",
+            "Rounds closed since a worker's latest applied update.",
+            labels=["worker"],
+        )
         for w in workers:
             if w["last_round"] is not None:
                 last_round.add_metric([str(w["worker_id"])], w["last_round"])
@@ -204,37 +254,44 @@ async def _page(request: web.Request) -> web.FileResponse:
 
 async def _state(request: web.Request) -> web.Response:
     body = await _json(snapshot(request.app[_COORDINATOR], _since(request)))
-    return web.Response(body=body, content_type="application/json", headers={"Cache-Control": "no-store"})
+    return web.Response(
+        body=body, content_type="application/json", headers={"Cache-Control": "no-store"}
+    )
 
 
 async def _events(request: web.Request) -> web.StreamResponse:
     coordinator, stopping = request.app[_COORDINATOR], request.app[_STOPPING]
     since = _since(request)
     response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-store",
+            "X-Accel-Buffering": "no",
+        }
     )
     await response.prepare(request)
     last_workers: list[dict[str, Any]] | None = None
     last_write = time.monotonic()
     try:
         await response.write(b"retry: 2000\n\n")
-        while not stopping.is_set():
+        while True:
+            last_look = stopping.is_set()  # a stopping dashboard still sends what changed
             state = snapshot(coordinator, since, with_config=False)
             if state["rows"] or state["workers"] != last_workers or state["finished"]:
                 since, last_workers = state["next"], state["workers"]
                 data = (await _json(state)).decode()
                 await response.write(f"id: {since}\nevent: state\ndata: {data}\n\n".encode())
                 last_write = time.monotonic()
-                if state["finished"]:
-                    break
             elif time.monotonic() - last_write > HEARTBEAT_S:
                 await response.write(b": heartbeat\n\n")
                 last_write = time.monotonic()
+            if state["finished"] or last_look:
+                break
             try:
                 await asyncio.wait_for(stopping.wait(), request.app[_INTERVAL])
             except TimeoutError:
                 pass
-    except (ConnectionResetError, ConnectionError):
+    except ConnectionError:
         pass  # the page went away
     return response
 
@@ -246,7 +303,6 @@ async def _metrics(request: web.Request) -> web.Response:
 
 async def _healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
-
 
 
 def make_app(coordinator: Coordinator, *, interval_s: float = 0.25) -> web.Application:
@@ -268,7 +324,7 @@ def make_app(coordinator: Coordinator, *, interval_s: float = 0.25) -> web.Appli
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    """"HOST:PORT" (or "[v6]:PORT") -> (host, port); port 0 asks the OS for a free one."""
+    """`HOST:PORT` (or `[v6]:PORT`) -> (host, port); port 0 asks the OS for a free one."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"dashboard address: expected HOST:PORT, got {address!r}")
@@ -280,7 +336,9 @@ async def start_dashboard(
 ) -> tuple[web.AppRunner, int]:
     """Serve the dashboard of `coordinator` on `address` in the running loop; returns the bound port."""
     host, port = parse_address(address)
-    runner = web.AppRunner(make_app(coordinator, interval_s=interval_s), access_log=None, shutdown_timeout=1.0)
+    runner = web.AppRunner(
+        make_app(coordinator, interval_s=interval_s), access_log=None, shutdown_timeout=1.0
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
@@ -292,6 +350,6 @@ async def start_dashboard(
 
 
 async def stop_dashboard(runner: web.AppRunner) -> None:
-    """End the event streams (each sends nothing more), then close the listener and connections."""
+    """End the event streams (each sends what changed last), then close the listener."""
     runner.app[_STOPPING].set()
     await runner.cleanup()

@@ -1,6 +1,7 @@
 """The in-process reference engine: convergence, exact bit accounting, state never mutated."""
 
 import numpy as np
+import pytest
 
 from threepc.common import bitpack, config, engine
 from threepc.common.payloads import Mode, SparseVector
@@ -76,3 +77,43 @@ def test_a_step_does_not_mutate_its_inputs() -> None:
     h_before = state.h.copy()
     mech.step(state, grad1, fixed(1))
     assert np.array_equal(state.h, h_before)
+
+
+METHODS = [
+    ({"method": "gd", "compressor": "identity"}, 1e-4),
+    ({"method": "ef21"}, 1e-2),
+    ({"method": "ef21_plus"}, 1e-2),
+    ({"method": {"name": "lag", "zeta": 1.0}, "compressor": "identity"}, 1e-2),
+    ({"method": {"name": "clag", "zeta": 1.0}}, 1e-2),
+    ({"method": "3pcv1"}, 1e-2),
+    ({"method": {"name": "3pcv2", "q": {"name": "rand_k", "k": 5}}}, 1e-2),
+    ({"method": {"name": "3pcv4", "c2": {"name": "top_k", "k": 2}}}, 1e-2),
+    ({"method": {"name": "3pcv5", "p": 0.2}}, 1e-2),
+    ({"method": "marina", "compressor": {"name": "rand_k", "k": 5}}, 1e-2),
+    ({"method": "ef14", "stepsize": 0.5}, 1e-2),
+]
+
+
+@pytest.mark.parametrize("overrides, factor", METHODS, ids=lambda v: str(v)[:40])
+def test_every_method_drives_the_gradient_down_at_its_stepsize(overrides: dict, factor: float) -> None:
+    cfg = small(rounds=400, **{"stepsize_multiplier": 1.0, **overrides})
+    rows = engine.run_in_process(engine.plan(cfg)).rows
+    assert rows[-1]["grad_norm_sq"] < factor * rows[0]["grad_norm_sq"]
+
+
+def test_lag_skips_cost_one_bit() -> None:
+    cfg = small(rounds=50, method={"name": "lag", "zeta": 4.0}, compressor="identity")
+    rows = engine.run_in_process(engine.plan(cfg)).rows
+    skipped = sum(r["skips"] for r in rows)
+    assert skipped > 0
+    # Round 0: 3 dense messages, no flag. Later: 1 flag bit each, plus d float32 values if sent.
+    later = 3 * 49
+    expected = 3 * 30 * 32 + later * 1 + (later - skipped) * 30 * 32
+    assert rows[-1]["bits_up_per_worker"] * 3 == expected
+
+
+def test_ef14_without_a_stepsize_is_a_clear_error() -> None:
+    from threepc.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ef14: give an explicit stepsize"):
+        engine.plan(small(method="ef14"))

@@ -135,3 +135,24 @@ def test_worker_with_the_wrong_dimension_is_refused(tmp_path: Path) -> None:
     finally:
         server.kill()
         server.wait()
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        'method = { name = "clag", zeta = 2.0 }',  # skips travel as a flag
+        'method = "marina"\ncompressor = { name = "rand_k", k = 4 }',  # shared coin, seeded indices
+        'method = { name = "3pcv2", q = { name = "rand_k", k = 4 } }\ncompressor = { name = "top_k", k = 2 }',
+    ],
+    ids=["clag", "marina", "3pcv2"],
+)
+def test_other_methods_are_identical_over_the_wire(method: str, tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "m.toml",
+        f'workers = 2\nrounds = 25\n{method}\n[data]\ndataset = "synthetic"\nrows = 200\ndim = 16\n',
+    )
+    dist, local = run_both(config, tmp_path)
+    assert read_rows(dist) and [
+        (r["grad_norm_sq"], r["bits_up_per_worker"], r["skips"]) for r in read_rows(dist)
+    ] == [(r["grad_norm_sq"], r["bits_up_per_worker"], r["skips"]) for r in read_rows(local)]
+    assert np.array_equal(np.load(dist / "x_final.npy"), np.load(local / "x_final.npy"))

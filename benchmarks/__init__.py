@@ -1,0 +1,1 @@
+"""Benchmarks: print figures, never fail on timing (`threepc bench ...`)."""
