@@ -43,15 +43,11 @@ def _lambda_max_gram(features: sp.csr_matrix) -> float:
 
 
 @dataclass(frozen=True, eq=False)
-class LogisticNonconvex:
-    """f_i(x) = (1/m) sum_j log(1 + exp(-y_j a_j^T x)) + lam sum_k x_k^2 / (1 + x_k^2).
-
-    L_i <= lambda_max(A_i^T A_i) / (4 m) + 2 lam (EF21 paper, Section 4).
-    """
+class _LinearData:
+    """A shard's features A (m x d) and targets y: what every problem here is built on."""
 
     features: sp.csr_matrix
     labels: np.ndarray
-    lam: float = 0.1
 
     @property
     def dim(self) -> int:
@@ -61,64 +57,52 @@ class LogisticNonconvex:
     def rows(self) -> int:
         return int(self.features.shape[0])
 
-    def loss(self, x: np.ndarray) -> float:
+    def _logistic(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        """(1/m) sum_j log(1 + exp(-y_j a_j^T x)) and its gradient."""
         margins = self.labels * (self.features @ x)
-        data = float(np.mean(np.logaddexp(0.0, -margins)))
-        return data + self.lam * float(np.sum(x * x / (1.0 + x * x)))
+        loss = float(np.mean(np.logaddexp(0.0, -margins)))
+        weights = -self.labels * expit(-margins) / self.rows
+        return loss, np.asarray(self.features.T @ weights)
+
+
+@dataclass(frozen=True, eq=False)
+class LogisticNonconvex(_LinearData):
+    """f_i(x) = (1/m) sum_j log(1 + exp(-y_j a_j^T x)) + lam sum_k x_k^2 / (1 + x_k^2).
+
+    L_i <= lambda_max(A_i^T A_i) / (4 m) + 2 lam (EF21 paper, Section 4).
+    """
+
+    lam: float = 0.1
+
+    def loss(self, x: np.ndarray) -> float:
+        return self._logistic(x)[0] + self.lam * float(np.sum(x * x / (1.0 + x * x)))
 
     def grad(self, x: np.ndarray) -> np.ndarray:
-        margins = self.labels * (self.features @ x)
-        weights = -self.labels * expit(-margins) / self.rows
-        reg = 2.0 * self.lam * x / (1.0 + x * x) ** 2
-        return np.asarray(self.features.T @ weights) + reg
+        return self._logistic(x)[1] + 2.0 * self.lam * x / (1.0 + x * x) ** 2
 
     def smoothness(self) -> float:
         return _lambda_max_gram(self.features) / (4.0 * self.rows) + 2.0 * self.lam
 
 
 @dataclass(frozen=True, eq=False)
-class LogisticL2:
+class LogisticL2(_LinearData):
     """f_i(x) = (1/m) sum_j log(1 + exp(-y_j a_j^T x)) + (lam/2) ||x||^2; L_i = lmax/(4m) + lam."""
 
-    features: sp.csr_matrix
-    labels: np.ndarray
     lam: float = 0.1
 
-    @property
-    def dim(self) -> int:
-        return int(self.features.shape[1])
-
-    @property
-    def rows(self) -> int:
-        return int(self.features.shape[0])
-
     def loss(self, x: np.ndarray) -> float:
-        margins = self.labels * (self.features @ x)
-        return float(np.mean(np.logaddexp(0.0, -margins))) + 0.5 * self.lam * float(x @ x)
+        return self._logistic(x)[0] + 0.5 * self.lam * float(x @ x)
 
     def grad(self, x: np.ndarray) -> np.ndarray:
-        margins = self.labels * (self.features @ x)
-        weights = -self.labels * expit(-margins) / self.rows
-        return np.asarray(self.features.T @ weights) + self.lam * x
+        return self._logistic(x)[1] + self.lam * x
 
     def smoothness(self) -> float:
         return _lambda_max_gram(self.features) / (4.0 * self.rows) + self.lam
 
 
 @dataclass(frozen=True, eq=False)
-class LeastSquares:
+class LeastSquares(_LinearData):
     """f_i(x) = (1/m) ||A_i x - y_i||^2; L_i = 2 lambda_max(A_i^T A_i) / m."""
-
-    features: sp.csr_matrix
-    labels: np.ndarray
-
-    @property
-    def dim(self) -> int:
-        return int(self.features.shape[1])
-
-    @property
-    def rows(self) -> int:
-        return int(self.features.shape[0])
 
     def loss(self, x: np.ndarray) -> float:
         r = self.features @ x - self.labels

@@ -106,7 +106,7 @@ def run(config_file: str, out: str, in_process: bool, quiet: bool, workers: int 
     """
     from threepc.common.engine import plan, run_in_process
     from threepc.server.launch import run_local
-    from threepc.server.runlog import RunLog, plan_summary
+    from threepc.server.runlog import RunLog
 
     config = config_mod.load(config_file, _overrides(workers, rounds, seed))
     the_plan = plan(config)
@@ -134,18 +134,25 @@ def run(config_file: str, out: str, in_process: bool, quiet: bool, workers: int 
             rows, x_final = rows_seen, extra.pop("x_final")
     finally:
         progress.stop()
-    summary = {
-        "mode": "in-process" if in_process else "distributed",
-        "config": config.model_dump(mode="json"),
+    summary = _summary("in-process" if in_process else "distributed", the_plan, rows, started, extra)
+    log.close(summary, x_final)
+    _report(summary, out)
+
+
+def _summary(mode: str, the_plan: Any, rows: list[dict], started: float, extra: dict) -> dict:
+    """summary.json: the config, what the coordinator resolved, first and final figures, totals."""
+    from threepc.server.runlog import plan_summary
+
+    return {
+        "mode": mode,
+        "config": the_plan.config.model_dump(mode="json"),
         "plan": plan_summary(the_plan),
         "rounds": len(rows),
         "elapsed_s": time.perf_counter() - started,
-        "final": rows[-1] if rows else None,
         "first": rows[0] if rows else None,
+        "final": rows[-1] if rows else None,
         **extra,
     }
-    log.close(summary, x_final)
-    _report(summary, out)
 
 
 def _report(summary: dict, out: str) -> None:
@@ -181,7 +188,7 @@ def serve(config_file: str, listen: str, out: str, token: str, quiet: bool, work
     """
     from threepc.common.engine import plan
     from threepc.server.launch import coordinator_summary, serve as serve_run
-    from threepc.server.runlog import RunLog, plan_summary
+    from threepc.server.runlog import RunLog
 
     config = config_mod.load(config_file, _overrides(workers, rounds, seed))
     the_plan = plan(config)
@@ -200,17 +207,7 @@ def serve(config_file: str, listen: str, out: str, token: str, quiet: bool, work
         coordinator = asyncio.run(serve_run(the_plan, listen, on_round, on_listening, token))
     finally:
         progress.stop()
-    rows = coordinator.rows
-    summary = {
-        "mode": "distributed",
-        "config": config.model_dump(mode="json"),
-        "plan": plan_summary(the_plan),
-        "rounds": len(rows),
-        "elapsed_s": time.perf_counter() - started,
-        "final": rows[-1] if rows else None,
-        "first": rows[0] if rows else None,
-        **coordinator_summary(coordinator),
-    }
+    summary = _summary("distributed", the_plan, coordinator.rows, started, coordinator_summary(coordinator))
     log.close(summary, coordinator.agg.x)
     _report(summary, out)
 
