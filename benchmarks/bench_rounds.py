@@ -256,21 +256,22 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def measure_row(n: int, d: int, method: str, allocator: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Repeats of threepc, raw and in-process runs, interleaved so that noise hits all three."""
     env = {**os.environ, **ALLOCATOR_ENV[allocator]}
+    rounds, warmup = rounds_for(d, args)
     data = data_file(args.data_dir, n, d)
     config = work / f"n{n}_d{d}_{method}.toml"
-    write_config(config, n, d, method, args.rounds, data)
+    write_config(config, n, d, method, rounds, data)
     samples: list[dict[str, Any]] = []
     for rep in range(args.repeats):
         tag = f"n{n}_d{d}_{method}_{allocator}_{rep}"
-        sample = run_threepc(config, work / tag, args.warmup, env, args.timeout)
+        sample = run_threepc(config, work / tag, warmup, env, args.timeout)
         if not args.no_raw:
             down = round(sample["bytes_down"] / n) - FRAME_BYTES
             up = round(sample["bytes_up"] / n) - FRAME_BYTES
-            raw = run_raw(n, down, up, args.rounds, args.warmup, env, args.timeout)
+            raw = run_raw(n, down, up, rounds, warmup, env, args.timeout)
             sample["raw_rounds_per_s"] = raw["rounds_per_s"]
             sample["raw_cpu_s_per_round"] = raw["server_cpu_s_per_round"]
         if not args.no_in_process:
-            sample["inprocess_rounds_per_s"] = run_in_process(config, work / f"{tag}_inproc", args.warmup, env, args.timeout)
+            sample["inprocess_rounds_per_s"] = run_in_process(config, work / f"{tag}_inproc", warmup, env, args.timeout)
         samples.append(sample)
     keys = sorted({k for s in samples for k in s})
     compressor = "identity" if method == "gd" else f"top_k(k={max(1, d // 100)})"
@@ -288,8 +289,8 @@ def measure_row(n: int, d: int, method: str, allocator: str, args: argparse.Name
     row["coordinator_state_mb"] = (n + 2) * d * 4 / 2**20
     row["data_mb"] = data_mb(data, d)
     row["repeats"] = args.repeats
-    row["rounds"] = args.rounds
-    row["warmup"] = args.warmup
+    row["rounds"] = rounds
+    row["warmup"] = warmup
     return row
 
 
@@ -319,7 +320,7 @@ COLUMNS = [
     ("coord RSS MB", "coordinator_rss_mb", "{:.0f}"),
     ("state MB", "coordinator_state_mb", "{:.0f}"),
     ("worker RSS MB", "worker_rss_mb", "{:.0f}"),
-    ("data MB", "data_mb", "{:.1f}"),
+    ("data MB", "data_mb", "{:.2f}"),
 ]
 
 
@@ -347,8 +348,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--n", type=int, nargs="+", help=f"worker processes (default {' '.join(map(str, DEFAULT_N))})")
     p.add_argument("--d", type=_dims, nargs="+", help="dimensions, e.g. 1e6 (default 1e4 1e6, and 1e7 at n = 8)")
     p.add_argument("--method", choices=METHODS, nargs="+", default=list(METHODS))
-    p.add_argument("--rounds", type=int, default=30, help="rounds per run, warm-up included")
-    p.add_argument("--warmup", type=int, default=5, help="rounds left out of every rate")
+    p.add_argument("--rounds", type=int, help="rounds per run, warm-up included (default: 200 at d <= 1e5, "
+                   "30 at d <= 1e6, 12 above)")
+    p.add_argument("--warmup", type=int, help="rounds left out of every rate (default: rounds / 6, at least 2)")
     p.add_argument("--repeats", type=int, default=3, help="runs per row; figures are medians")
     p.add_argument("--allocator", choices=("default", "tuned", "both"), default="default",
                    help="glibc malloc settings for every process (tuned: MALLOC_MMAP_MAX_=0, no trimming)")
@@ -360,11 +362,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", type=Path, help="keep every run's folder here (default: a temporary folder)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds any one run may take")
     args = p.parse_args(argv)
-    if args.rounds < args.warmup + 2:
+    if args.rounds is not None and args.rounds < (args.warmup or 2) + 2:
         p.error("--rounds must be at least --warmup + 2")
-    if args.warmup < 1:
+    if args.warmup is not None and args.warmup < 1:
         p.error("--warmup must be >= 1 (round 0 carries diagnostics)")
     return args
+
+
+def rounds_for(d: int, args: argparse.Namespace) -> tuple[int, int]:
+    """(rounds, warm-up rounds) of a run at dimension d: enough timed rounds for a steady rate."""
+    rounds = args.rounds or (200 if d <= 10**5 else 30 if d <= 10**6 else 12)
+    warmup = args.warmup or max(2, rounds // 6)
+    return rounds, min(warmup, rounds - 2)
 
 
 def grid(args: argparse.Namespace) -> list[tuple[int, int, str]]:

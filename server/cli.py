@@ -95,9 +95,15 @@ class Progress:
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/latest", show_default=True,
               help="Folder for metrics.jsonl and summary.json.")
 @click.option("--in-process", is_flag=True, help="Run the reference engine: no gRPC, no processes.")
+@click.option("--dashboard", default="127.0.0.1:8080", show_default=True, envvar="THREEPC_DASHBOARD",
+              help="Address:port of the live dashboard and /metrics (or THREEPC_DASHBOARD).")
+@click.option("--no-dashboard", is_flag=True, help="Serve no dashboard.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @config_options
-def run(config_file: str, out: str, in_process: bool, quiet: bool, workers: int | None, rounds: int | None, seed: int | None) -> None:
+def run(
+    config_file: str, out: str, in_process: bool, dashboard: str, no_dashboard: bool, quiet: bool,
+    workers: int | None, rounds: int | None, seed: int | None,
+) -> None:
     """Train CONFIG_FILE on a local cluster: a coordinator and n worker processes on loopback.
 
     Writes OUT/metrics.jsonl (one row per round: round, grad_norm_sq, loss, bits_up_per_worker,
@@ -130,13 +136,19 @@ def run(config_file: str, out: str, in_process: bool, quiet: bool, workers: int 
                 rows_seen.append(row)
                 on_round(row)
 
-            extra = asyncio.run(run_local(the_plan, Path(out), on_round_distributed))
+            extra = asyncio.run(
+                run_local(the_plan, Path(out), on_round_distributed, None if no_dashboard else dashboard, _announce)
+            )
             rows, x_final = rows_seen, extra.pop("x_final")
     finally:
         progress.stop()
     summary = _summary("in-process" if in_process else "distributed", the_plan, rows, started, extra)
     log.close(summary, x_final)
     _report(summary, out)
+
+
+def _announce(port: int) -> None:
+    click.echo(f"dashboard: http://127.0.0.1:{port}/ (and /metrics for Prometheus)", err=True)
 
 
 def _summary(mode: str, the_plan: Any, rows: list[dict], started: float, extra: dict) -> dict:
@@ -179,9 +191,15 @@ def _report(summary: dict, out: str) -> None:
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/latest", show_default=True,
               help="Folder for metrics.jsonl and summary.json.")
 @click.option("--token", envvar="THREEPC_TOKEN", default="", help="Join token workers must present (or THREEPC_TOKEN).")
+@click.option("--dashboard", default="127.0.0.1:8080", show_default=True, envvar="THREEPC_DASHBOARD",
+              help="Address:port of the live dashboard and /metrics (or THREEPC_DASHBOARD).")
+@click.option("--no-dashboard", is_flag=True, help="Serve no dashboard.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @config_options
-def serve(config_file: str, listen: str, out: str, token: str, quiet: bool, workers: int | None, rounds: int | None, seed: int | None) -> None:
+def serve(
+    config_file: str, listen: str, out: str, token: str, dashboard: str, no_dashboard: bool, quiet: bool,
+    workers: int | None, rounds: int | None, seed: int | None,
+) -> None:
     """Run the coordinator of CONFIG_FILE alone; workers join with `threepc worker`.
 
     The rounds start once every one of the config's n workers has joined and is ready.
@@ -204,7 +222,9 @@ def serve(config_file: str, listen: str, out: str, token: str, quiet: bool, work
 
     started = time.perf_counter()
     try:
-        coordinator = asyncio.run(serve_run(the_plan, listen, on_round, on_listening, token))
+        coordinator = asyncio.run(
+            serve_run(the_plan, listen, on_round, on_listening, token, None if no_dashboard else dashboard, _announce)
+        )
     finally:
         progress.stop()
     summary = _summary("distributed", the_plan, coordinator.rows, started, coordinator_summary(coordinator))

@@ -7,15 +7,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 from threepc.common.engine import Plan
-from threepc.common.errors import ThreePCError
+from threepc.common.errors import ConfigError, ThreePCError
 from threepc.server.coordinator import Coordinator, start_server
 
 log = logging.getLogger("threepc.launch")
@@ -42,12 +43,46 @@ def coordinator_summary(coordinator: Coordinator) -> dict[str, Any]:
     }
 
 
+@contextlib.asynccontextmanager
+async def dashboard_for(
+    coordinator: Coordinator,
+    address: str | None,
+    on_dashboard: Callable[[int], None] | None,
+    required: bool = True,
+) -> AsyncIterator[None]:
+    """The live dashboard beside the coordinator's gRPC server, if an address is given.
+
+    Not `required` (a local run), a busy port costs the dashboard with a warning, not the run.
+    """
+    if address is None:
+        yield
+        return
+    from threepc.server.dashboard import start_dashboard, stop_dashboard
+
+    try:
+        runner, port = await start_dashboard(coordinator, address)
+    except ConfigError as err:
+        if required:
+            raise
+        log.warning("%s; running without a dashboard", err)
+        yield
+        return
+    if on_dashboard:
+        on_dashboard(port)
+    try:
+        yield
+    finally:
+        await stop_dashboard(runner)
+
+
 async def serve(
     plan: Plan,
     listen: str,
     on_round: RowCallback | None = None,
     on_listening: Callable[[int], None] | None = None,
     token: str = "",
+    dashboard: str | None = None,
+    on_dashboard: Callable[[int], None] | None = None,
 ) -> Coordinator:
     """Listen on `listen`, run the rounds once every worker is ready, stop gracefully."""
     coordinator = Coordinator(plan, on_round, token)
@@ -55,16 +90,28 @@ async def serve(
     if on_listening:
         on_listening(port)
     try:
-        await coordinator.run()
+        async with dashboard_for(coordinator, dashboard, on_dashboard):
+            await coordinator.run()
     finally:
         await server.stop(5)
     return coordinator
 
 
-async def run_local(plan: Plan, out_dir: Path, on_round: RowCallback | None = None) -> dict[str, Any]:
+async def run_local(
+    plan: Plan,
+    out_dir: Path,
+    on_round: RowCallback | None = None,
+    dashboard: str | None = None,
+    on_dashboard: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Coordinator here, n worker processes on loopback; returns the run's summary parts."""
     coordinator = Coordinator(plan, on_round)
     server, port = await start_server(coordinator, "127.0.0.1:0")
+    async with dashboard_for(coordinator, dashboard, on_dashboard, required=False):
+        return await _run_workers(coordinator, server, port, plan, out_dir)
+
+
+async def _run_workers(coordinator: Coordinator, server: Any, port: int, plan: Plan, out_dir: Path) -> dict[str, Any]:
     workers_dir = out_dir / "workers"
     workers_dir.mkdir(parents=True, exist_ok=True)
     procs = []

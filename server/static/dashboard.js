@@ -122,7 +122,7 @@ function createCharts() {
     makeChart(
       "chart-grad",
       [{ label: "bits / worker", value: (u, v) => bits(v) }, line("‖∇f‖²", COLORS.grad, { spanGaps: true, value: (u, v) => sci(v) })],
-      [axis("bits sent per worker", bits), axis("‖∇f(x)‖²", (v) => sci(v, 0), { size: 64, splits: decades })],
+      [axis("bits sent per worker", bits), axis("‖∇f(x)‖²", (v) => sci(v, 0), { size: 64, splits: decades, filter: (u, splits) => splits })],
       { y: { distr: 3 } },
       () => [c.bits, c.grad],
     ),
