@@ -90,6 +90,11 @@ class RunConfig(_Frozen):
     init: Literal["full", "compressed"] = Field("full", description="g_i^0 = grad f_i(x^0) or C of it")
     diagnostics_every: int = Field(1, ge=1, description="rounds between loss/||grad f||^2 figures")
     round_timeout_s: float = Field(120.0, gt=0, description="how long a round waits for updates")
+    absent_policy: Literal["wait", "drop"] = Field(
+        "wait",
+        description="methods that need every worker (EF, MARINA): wait for a missing one, or drop it and rescale",
+    )
+    checkpoint_every: int = Field(0, ge=0, description="rounds between coordinator checkpoints (0: only on SIGTERM)")
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 
@@ -101,6 +101,17 @@ class WorkerNode:
         self.mechanism: Mechanism = build_method(config, problem.dim)
         self.state: WorkerState | None = None
 
+    def restore(self, h: np.ndarray, x_prev: np.ndarray) -> None:
+        """Rejoin after a restart: h from the coordinator's mirror, y = grad f_i(x^{t-1}) recomputed.
+
+        Exact for the 3PC family and MARINA (their state is (h, y)); EF's error e_i cannot be
+        rebuilt from what the coordinator holds and restarts at zero (`restores_exactly`).
+        """
+        if self.mechanism.restores_exactly:
+            self.state = WorkerState(np.array(h, dtype=np.float64), self.problem.grad(np.asarray(x_prev, np.float64)))
+        else:
+            self.state = self.mechanism.reset(np.asarray(h).size)
+
     def round(self, t: int, x: np.ndarray) -> tuple[Message, tuple[float, np.ndarray] | None]:
         """Message for round t at iterate x^t, and (f_i(x^t), grad f_i(x^t)) on diagnostic rounds."""
         x64 = np.asarray(x, dtype=np.float64)
@@ -124,6 +135,7 @@ class WorkerMeter:
     value_bits: int = 0  # the papers' convention: values only
     messages: int = 0
     skips: int = 0
+    absent: int = 0  # rounds closed without this worker's message (it was late or gone)
 
 
 class Aggregator:
@@ -132,19 +144,26 @@ class Aggregator:
     Fields by role:
     - the method: `x` (x^t), `mirrors[i]` (g_i^t, what worker i's messages built), `g_sum`
       (sum of the mirrors, kept incrementally so a round costs what its messages change);
-    - the run: `step_scale` (gamma, or 1 for EF), `n`, `t` (the round being collected);
+    - the run: `step_scale` (gamma, or 1 for EF), `n`, `t` (the round being collected),
+      `x_prev` (x^{t-1}: a rejoining worker rebuilds its last gradient from it);
     - metering: `meters[i]` (bits per worker), `skips_round`.
     `apply` must see a round's messages in worker-id order so that both transports add in the
-    same order.
+    same order. `state_dict`/`from_state_dict` hold everything needed to resume exactly.
     """
 
     def __init__(self, plan: Plan):
         self.n = plan.config.workers
         self.d = plan.dim
         # EF's workers scale their messages by gamma themselves; the coordinator then steps by 1.
-        self.step_scale = 1.0 if build_method(plan.resolved, plan.dim).worker_scales else plan.gamma
+        mechanism = build_method(plan.resolved, plan.dim)
+        self.step_scale = 1.0 if mechanism.worker_scales else plan.gamma
+        # A missing message keeps the worker's mirror: exactly a lazy skip for the 3PC family.
+        # Methods that need every worker (EF, MARINA) rescale over those present, by config.
+        self.needs_all = mechanism.needs_all
+        self.absent_policy = plan.config.absent_policy
         self.state_dtype = np.dtype(plan.config.wire.iterate_dtype)
         self.x = plan.x0.copy()
+        self.x_prev: np.ndarray | None = None
         self.mirrors = np.zeros((self.n, self.d))
         self.g_sum = np.zeros(self.d)
         self.t = 0
@@ -175,9 +194,16 @@ class Aggregator:
         self._loss_sum += loss
         self._diag_count += 1
 
-    def finish_round(self) -> dict[str, float | int | None]:
-        """Close round t: its figures, then x^{t+1} = x^t - gamma g^t."""
+    def finish_round(self, absent: Collection[int] = ()) -> dict[str, float | int | None]:
+        """Close round t: its figures, then x^{t+1} = x^t - gamma g^t.
+
+        `absent`: workers whose message did not come this round. Their mirrors stay; for a
+        method that needs every worker under the "drop" policy, g^t is the mean of the mirrors
+        of the workers present (rescaled), and their stale mirrors are left out.
+        """
         row: dict[str, float | int | None] = {"round": self.t}
+        for worker_id in absent:
+            self.meters[worker_id].absent += 1
         if self._diag_count == self.n and self._grad_sum is not None:
             grad_f = self._grad_sum / self.n
             row["grad_norm_sq"] = float(grad_f @ grad_f)
@@ -188,12 +214,41 @@ class Aggregator:
         row["bits_up_per_worker"] = sum(m.bits for m in self.meters) / self.n
         row["value_bits_up_per_worker"] = sum(m.value_bits for m in self.meters) / self.n
         row["skips"] = self.skips_round
-        g = self.g_sum / self.n
+        row["absent"] = len(absent)
+        if absent and self.needs_all and self.absent_policy == "drop":
+            present = [i for i in range(self.n) if i not in set(absent)]
+            g = self.mirrors[present].sum(axis=0) / max(len(present), 1)
+        else:
+            g = self.g_sum / self.n
+        self.x_prev = self.x
         self.x = (self.x - self.step_scale * g).astype(self.state_dtype)
         self.t += 1
         self.skips_round = 0
         self._grad_sum, self._loss_sum, self._diag_count = None, 0.0, 0
         return row
+
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Everything a resumed run needs, as arrays (np.savez-able; no pickles)."""
+        meters = np.array([[m.bits, m.value_bits, m.messages, m.skips, m.absent] for m in self.meters], np.int64)
+        state = {"x": self.x, "mirrors": self.mirrors, "g_sum": self.g_sum, "t": np.array(self.t), "meters": meters}
+        if self.x_prev is not None:
+            state["x_prev"] = self.x_prev
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what `state_dict` saved (shapes checked)."""
+        if state["mirrors"].shape != self.mirrors.shape:
+            raise ConfigError(
+                f"checkpoint has {state['mirrors'].shape} mirrors, this run needs {self.mirrors.shape}"
+            )
+        self.x = state["x"].astype(self.state_dtype)
+        self.mirrors = state["mirrors"].astype(np.float64)
+        self.g_sum = state["g_sum"].astype(np.float64)
+        self.t = int(state["t"])
+        self.x_prev = state["x_prev"].astype(self.state_dtype) if "x_prev" in state else None
+        for meter, row in zip(self.meters, state["meters"]):
+            meter.bits, meter.value_bits, meter.messages, meter.skips, meter.absent = map(int, row)
 
 
 RoundCallback = Callable[[dict], None]

@@ -15,7 +15,7 @@ a 3PC in a trigger.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -50,6 +50,9 @@ class Mechanism(NamedTuple):
     constants: Callable[[int], Constants]
     skips: bool = False  # whether messages can be lazy skips (metered as a skip rate)
     worker_scales: bool = False  # True: messages are already scaled by gamma (EF); the coordinator steps by 1
+    needs_all: bool = False  # True: a round needs every worker's message (EF; MARINA's full rounds)
+    restores_exactly: bool = True  # the state is (h, y), rebuilt from the mirror and x^{t-1}
+    reset: Callable[[int], Any] | None = None  # a fresh state of dimension d, where not exact
 
 
 def dense_message(x: np.ndarray, dtype: str) -> Message:
@@ -211,7 +214,7 @@ def marina(q: Compressor, p: float, dtype: str) -> Mechanism:
             message = Message(Mode.DELTA, (q.compress(grad - state.y, r),))
         return message, WorkerState(message.apply(state.h), grad)
 
-    return Mechanism("marina", first, step, lambda d: Constants(1.0, 0.0))
+    return Mechanism("marina", first, step, lambda d: Constants(1.0, 0.0), needs_all=True)
 
 
 class ErrorFeedbackState(NamedTuple):
@@ -235,4 +238,13 @@ def error_feedback(c: Compressor, gamma: float) -> Mechanism:
     def first(grad: np.ndarray, r: Randomness) -> tuple[Message, ErrorFeedbackState]:
         return step(ErrorFeedbackState(np.zeros_like(grad)), grad, r)
 
-    return Mechanism("ef14", first, step, lambda d: Constants(1.0, 0.0), worker_scales=True)  # type: ignore[arg-type]
+    return Mechanism(
+        "ef14",
+        first,  # type: ignore[arg-type]
+        step,  # type: ignore[arg-type]
+        lambda d: Constants(1.0, 0.0),
+        worker_scales=True,
+        needs_all=True,
+        restores_exactly=False,
+        reset=lambda d: ErrorFeedbackState(np.zeros(d)),
+    )
