@@ -82,6 +82,9 @@ class RunConfig(_Frozen):
     method: Component = Component(name="ef21")
     compressor: Component = Component(name="top_k", k=1)  # type: ignore[call-arg]
     problem: Component = Component(name="logreg_nonconvex", lam=0.1)  # type: ignore[call-arg]
+    gradient: Component = Field(
+        Component(name="full"), description="full, sgd (batch, sampling) or lsvrg (batch, p, sampling)"
+    )
     data: DataConfig = DataConfig()
     wire: WireConfig = WireConfig()
     stepsize: float | Literal["theory"] = Field("theory", description="gamma, or the theory's")

@@ -25,6 +25,7 @@ from threepc.common.errors import ConfigError
 from threepc.common.mechanisms import Mechanism, WorkerState
 from threepc.common.methods import Smoothness, build_method, stepsize
 from threepc.common.payloads import Message
+from threepc.common.oracles import make_oracle
 from threepc.common.randomness import round_randomness
 from threepc.common.problems import Problem, make_problem
 
@@ -100,6 +101,8 @@ class WorkerNode:
         self.problem = problem
         self.mechanism: Mechanism = build_method(config, problem.dim)
         self.state: WorkerState | None = None
+        self.oracle = make_oracle(config.gradient)
+        self.oracle_state = self.oracle.init(problem)
 
     def restore(self, h: np.ndarray, x_prev: np.ndarray) -> None:
         """Rejoin after a restart: h from the coordinator's mirror, y = grad f_i(x^{t-1}) recomputed.
@@ -115,15 +118,16 @@ class WorkerNode:
     def round(self, t: int, x: np.ndarray) -> tuple[Message, tuple[float, np.ndarray] | None]:
         """Message for round t at iterate x^t, and (f_i(x^t), grad f_i(x^t)) on diagnostic rounds."""
         x64 = np.asarray(x, dtype=np.float64)
-        grad = self.problem.grad(x64)
         r = round_randomness(self.config.seed, t, self.worker_id, self.config.workers)
+        grad, self.oracle_state = self.oracle.estimate(self.oracle_state, self.problem, x64, r)
         if self.state is None:
             message, self.state = self.mechanism.first(grad, r)
         else:
             message, self.state = self.mechanism.step(self.state, grad, r)
         diagnostics = None
         if t % self.config.diagnostics_every == 0:
-            diagnostics = (self.problem.loss(x64), grad)
+            full_grad = grad if self.oracle.exact else self.problem.grad(x64)
+            diagnostics = (self.problem.loss(x64), full_grad)
         return message, diagnostics
 
 

@@ -29,6 +29,10 @@ class Problem(Protocol):
 
     def smoothness(self) -> float: ...
 
+    def grad_rows(self, x: np.ndarray, rows: np.ndarray, weights: np.ndarray) -> np.ndarray: ...
+
+    def row_smoothness(self) -> np.ndarray: ...
+
 
 def _lambda_max_gram(features: sp.csr_matrix) -> float:
     """Largest eigenvalue of A^T A (dense eigensolver for small d, Lanczos otherwise)."""
@@ -43,11 +47,18 @@ def _lambda_max_gram(features: sp.csr_matrix) -> float:
 
 
 @dataclass(frozen=True, eq=False)
-class _LinearData:
-    """A shard's features A (m x d) and targets y: what every problem here is built on."""
+class _LinearModel:
+    """f_i(x) = (1/m) sum_j phi(a_j^T x, y_j) + r(x) on a shard's features A (m x d) and targets y.
+
+    A subclass gives the row loss phi (with phi'' <= `curvature`) and the regularizer r (with an
+    L-smooth gradient, `reg_smoothness`); the gradients, minibatch gradients and smoothness
+    constants follow: L_i = curvature * lambda_max(A^T A) / m + reg_smoothness, and the row
+    constant L_ij = curvature * ||a_j||^2 + reg_smoothness (for importance sampling).
+    """
 
     features: sp.csr_matrix
     labels: np.ndarray
+    curvature = 0.25
 
     @property
     def dim(self) -> int:
@@ -57,16 +68,48 @@ class _LinearData:
     def rows(self) -> int:
         return int(self.features.shape[0])
 
-    def _logistic(self, x: np.ndarray) -> tuple[float, np.ndarray]:
-        """(1/m) sum_j log(1 + exp(-y_j a_j^T x)) and its gradient."""
-        margins = self.labels * (self.features @ x)
-        loss = float(np.mean(np.logaddexp(0.0, -margins)))
-        weights = -self.labels * expit(-margins) / self.rows
-        return loss, np.asarray(self.features.T @ weights)
+    def _phi(self, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row losses and their derivatives in z."""
+        raise NotImplementedError
+
+    def _reg(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        return 0.0, np.zeros_like(x)
+
+    def reg_smoothness(self) -> float:
+        return 0.0
+
+    def loss(self, x: np.ndarray) -> float:
+        values, _ = self._phi(self.features @ x, self.labels)
+        return float(np.mean(values)) + self._reg(x)[0]
+
+    def grad(self, x: np.ndarray) -> np.ndarray:
+        _, slopes = self._phi(self.features @ x, self.labels)
+        return np.asarray(self.features.T @ slopes) / self.rows + self._reg(x)[1]
+
+    def grad_rows(self, x: np.ndarray, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """(1/b) sum_{j in rows} w_j grad f_ij(x), with f_ij = phi(a_j^T x, y_j) + r(x)."""
+        part = self.features[rows]
+        _, slopes = self._phi(part @ x, self.labels[rows])
+        return np.asarray(part.T @ (weights * slopes)) / rows.size + float(np.mean(weights)) * self._reg(x)[1]
+
+    def smoothness(self) -> float:
+        return self.curvature * _lambda_max_gram(self.features) / self.rows + self.reg_smoothness()
+
+    def row_smoothness(self) -> np.ndarray:
+        squared_norms = np.asarray(self.features.multiply(self.features).sum(axis=1)).ravel()
+        return self.curvature * squared_norms + self.reg_smoothness()
+
+
+class _Logistic(_LinearModel):
+    """phi(z, y) = log(1 + exp(-y z)), phi'' <= 1/4."""
+
+    def _phi(self, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        margins = y * z
+        return np.logaddexp(0.0, -margins), -y * expit(-margins)
 
 
 @dataclass(frozen=True, eq=False)
-class LogisticNonconvex(_LinearData):
+class LogisticNonconvex(_Logistic):
     """f_i(x) = (1/m) sum_j log(1 + exp(-y_j a_j^T x)) + lam sum_k x_k^2 / (1 + x_k^2).
 
     L_i <= lambda_max(A_i^T A_i) / (4 m) + 2 lam (EF21 paper, Section 4).
@@ -74,46 +117,36 @@ class LogisticNonconvex(_LinearData):
 
     lam: float = 0.1
 
-    def loss(self, x: np.ndarray) -> float:
-        return self._logistic(x)[0] + self.lam * float(np.sum(x * x / (1.0 + x * x)))
+    def _reg(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        sq = x * x
+        return self.lam * float(np.sum(sq / (1.0 + sq))), 2.0 * self.lam * x / (1.0 + sq) ** 2
 
-    def grad(self, x: np.ndarray) -> np.ndarray:
-        return self._logistic(x)[1] + 2.0 * self.lam * x / (1.0 + x * x) ** 2
-
-    def smoothness(self) -> float:
-        return _lambda_max_gram(self.features) / (4.0 * self.rows) + 2.0 * self.lam
+    def reg_smoothness(self) -> float:
+        return 2.0 * self.lam
 
 
 @dataclass(frozen=True, eq=False)
-class LogisticL2(_LinearData):
+class LogisticL2(_Logistic):
     """f_i(x) = (1/m) sum_j log(1 + exp(-y_j a_j^T x)) + (lam/2) ||x||^2; L_i = lmax/(4m) + lam."""
 
     lam: float = 0.1
 
-    def loss(self, x: np.ndarray) -> float:
-        return self._logistic(x)[0] + 0.5 * self.lam * float(x @ x)
+    def _reg(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        return 0.5 * self.lam * float(x @ x), self.lam * x
 
-    def grad(self, x: np.ndarray) -> np.ndarray:
-        return self._logistic(x)[1] + self.lam * x
-
-    def smoothness(self) -> float:
-        return _lambda_max_gram(self.features) / (4.0 * self.rows) + self.lam
+    def reg_smoothness(self) -> float:
+        return self.lam
 
 
 @dataclass(frozen=True, eq=False)
-class LeastSquares(_LinearData):
+class LeastSquares(_LinearModel):
     """f_i(x) = (1/m) ||A_i x - y_i||^2; L_i = 2 lambda_max(A_i^T A_i) / m."""
 
-    def loss(self, x: np.ndarray) -> float:
-        r = self.features @ x - self.labels
-        return float(r @ r) / self.rows
+    curvature = 2.0
 
-    def grad(self, x: np.ndarray) -> np.ndarray:
-        r = self.features @ x - self.labels
-        return 2.0 * np.asarray(self.features.T @ r) / self.rows
-
-    def smoothness(self) -> float:
-        return 2.0 * _lambda_max_gram(self.features) / self.rows
+    def _phi(self, z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        r = z - y
+        return r * r, 2.0 * r
 
 
 PROBLEMS = {

@@ -145,3 +145,31 @@ def test_resuming_from_a_state_dict_reaches_the_same_iterate() -> None:
             resumed.apply(node.worker_id, node.round(t, resumed.x)[0])
         resumed.finish_round()
     assert np.array_equal(resumed.x, straight.x)
+
+
+@pytest.mark.parametrize(
+    "gradient",
+    [{"name": "sgd", "batch": 8}, {"name": "sgd", "batch": 8, "sampling": "importance"}, {"name": "lsvrg", "batch": 4}],
+    ids=["sgd", "sgd-importance", "lsvrg"],
+)
+def test_ec_sgd_and_ec_lsvrg_with_hard_threshold_make_progress(gradient: dict) -> None:
+    cfg = small(
+        rounds=300, method="ef14", stepsize=0.5, gradient=gradient,
+        compressor={"name": "hard_threshold", "threshold": 0.001},
+    )
+    rows = engine.run_in_process(engine.plan(cfg)).rows
+    assert rows[-1]["grad_norm_sq"] < 0.1 * rows[0]["grad_norm_sq"]
+
+
+def test_stochastic_gradients_are_unbiased() -> None:
+    from threepc.common import data, oracles, problems
+    from threepc.common.randomness import fixed
+
+    ds = data.synthetic(40, 6, seed=2)
+    prob = problems.LogisticNonconvex(ds.features, ds.labels)
+    x = np.random.default_rng(1).normal(size=6)
+    for sampling in ("uniform", "importance"):
+        oracle = oracles.sgd(batch=5, sampling=sampling)
+        draws = [oracle.estimate(None, prob, x, fixed(seed))[0] for seed in range(4000)]
+        mean, err = np.mean(draws, axis=0), np.std(draws, axis=0) / np.sqrt(len(draws))
+        assert np.all(np.abs(mean - prob.grad(x)) < 5 * err + 1e-12), sampling
