@@ -58,8 +58,11 @@ def load_shard(config: RunConfig, worker_id: int, full: data_mod.Dataset) -> dat
     return data_mod.shard(full, config.workers, worker_id, config.data.split)
 
 
-def local_problem(config: RunConfig, shard: data_mod.Dataset) -> Problem:
-    return make_problem(config.problem.name, shard, config.problem.params)
+def local_problem(config: RunConfig, shard: data_mod.Dataset, worker_id: int | None) -> Problem:
+    """Worker i's f_i on its shard; worker_id None: the whole f on all the data."""
+    return make_problem(
+        config.problem.name, shard, config.problem.params, worker_id=worker_id, n_workers=config.workers
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,11 +81,12 @@ class Plan:
 def plan(config: RunConfig) -> Plan:
     """Load the data once, compute L_-, L_+, every L_i, the stepsize and x^0."""
     full = load_data(config)
-    d = full.dim
+    whole = local_problem(config, full, None)
+    d = whole.dim
     L_i = tuple(
-        local_problem(config, load_shard(config, i, full)).smoothness() for i in range(config.workers)
+        local_problem(config, load_shard(config, i, full), i).smoothness() for i in range(config.workers)
     )
-    L_minus = local_problem(config, full).smoothness()
+    L_minus = whole.smoothness()
     smooth = Smoothness(L_minus, float(np.sqrt(np.mean(np.square(L_i)))), L_i)
     gamma = stepsize(config, build_method(config.model_copy(update={"stepsize": 1.0}), d), d, smooth)
     resolved = config.model_copy(update={"stepsize": gamma, "stepsize_multiplier": 1.0})
@@ -271,7 +275,7 @@ def run_in_process(plan_: Plan, on_round: RoundCallback | None = None) -> RunRes
     config = plan_.resolved
     full = load_data(config)
     nodes = [
-        WorkerNode(config, i, local_problem(config, load_shard(config, i, full)))
+        WorkerNode(config, i, local_problem(config, load_shard(config, i, full), i))
         for i in range(config.workers)
     ]
     agg = Aggregator(plan_)

@@ -156,8 +156,14 @@ PROBLEMS = {
 }
 
 
-def make_problem(kind: str, data: Dataset, params: dict[str, float]) -> Problem:
-    """Build problem `kind` on a data shard with its config parameters (e.g. lam)."""
+def make_problem(
+    kind: str, data: Dataset, params: dict[str, float], *, worker_id: int | None = None, n_workers: int = 1
+) -> Problem:
+    """Problem `kind` with its config parameters (e.g. lam): worker i's f_i on its shard `data`,
+    or, with worker_id None, the whole f on all the data (for L_- and the theory's stepsize).
+
+    Data-driven problems only look at `data`; generated ones (quadratics) use worker_id/n_workers.
+    """
     cls = PROBLEMS.get(kind)
     if cls is None:
         raise ConfigError(f"unknown problem {kind!r}; known: {', '.join(sorted(PROBLEMS))}")

@@ -118,7 +118,7 @@ async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, meter:
     config = config_mod.from_json(welcome.config_json)
     worker_id = welcome.worker_id
     shard = load_shard(config, worker_id, load_data(config, options.data))
-    problem = local_problem(config, shard)
+    problem = local_problem(config, shard, worker_id)
     node = WorkerNode(config, worker_id, problem)
     chunk = config.wire.chunk_bytes
     await send(ProtoWorkerMessage(ready=ProtoReady(rows=problem.rows, dimension=problem.dim)), chunk)

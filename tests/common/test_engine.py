@@ -30,7 +30,7 @@ def test_bits_are_the_payload_bits_the_method_specifies() -> None:
     cfg = small(rounds=5)
     p = engine.plan(cfg)
     full = engine.load_data(cfg)
-    nodes = [engine.WorkerNode(cfg, i, engine.local_problem(cfg, engine.load_shard(cfg, i, full))) for i in range(3)]
+    nodes = [engine.WorkerNode(cfg, i, engine.local_problem(cfg, engine.load_shard(cfg, i, full), i)) for i in range(3)]
     agg = engine.Aggregator(p)
     expected = np.zeros(3)
     for t in range(cfg.rounds):
@@ -54,7 +54,7 @@ def test_worker_state_equals_the_coordinator_mirror_bit_for_bit() -> None:
     cfg = small(rounds=20)
     result_plan = engine.plan(cfg)
     full = engine.load_data(cfg)
-    node = engine.WorkerNode(cfg, 0, engine.local_problem(cfg, engine.load_shard(cfg, 0, full)))
+    node = engine.WorkerNode(cfg, 0, engine.local_problem(cfg, engine.load_shard(cfg, 0, full), 0))
     agg = engine.Aggregator(result_plan)
     for t in range(cfg.rounds):
         message, _ = node.round(t, result_plan.x0)
@@ -127,7 +127,7 @@ def test_resuming_from_a_state_dict_reaches_the_same_iterate() -> None:
 
     full = engine.load_data(p.resolved)
     def nodes():
-        return [engine.WorkerNode(p.resolved, i, engine.local_problem(p.resolved, engine.load_shard(p.resolved, i, full))) for i in range(3)]
+        return [engine.WorkerNode(p.resolved, i, engine.local_problem(p.resolved, engine.load_shard(p.resolved, i, full), i)) for i in range(3)]
     first, agg = nodes(), engine.Aggregator(p)
     for t in range(10):
         for node in first:
