@@ -21,7 +21,7 @@ import numpy as np
 
 from threepc.common import data as data_mod
 from threepc.common.config import RunConfig
-from threepc.common.errors import ConfigError
+from threepc.common.errors import ConfigError, DivergedError
 from threepc.common.mechanisms import Mechanism, WorkerState
 from threepc.common.methods import Smoothness, build_method, stepsize
 from threepc.common.payloads import Message
@@ -230,6 +230,8 @@ class Aggregator:
             g = self.g_sum / self.n
         self.x_prev = self.x
         self.x = (self.x - self.step_scale * g).astype(self.state_dtype)
+        if not np.isfinite(self.x).all():
+            raise DivergedError(f"the run diverged at round {self.t}: the iterate is no longer finite")
         self.t += 1
         self.skips_round = 0
         self._grad_sum, self._loss_sum, self._diag_count = None, 0.0, 0

@@ -7,7 +7,8 @@
     ├── ProtocolError        a peer broke the round protocol (wrong round, unknown worker, ...)
     ├── AuthError            a peer failed authentication (missing or wrong join token)
     ├── MismatchError        a worker's data does not fit the run (dimension, rows)
-    └── TransportError       the other end cannot be reached or went away
+    ├── TransportError       the other end cannot be reached or went away
+    └── DivergedError        the iterate stopped being finite (stepsize too large)
 
 Each maps to one gRPC status code in `threepc.server.status` (a test checks that every class
 has one), and to a one-line message and a non-zero exit code in the CLI.
@@ -44,3 +45,7 @@ class MismatchError(ThreePCError):
 
 class TransportError(ThreePCError):
     """The other end cannot be reached or went away."""
+
+
+class DivergedError(ThreePCError, ArithmeticError):
+    """The iterate stopped being finite: the stepsize is too large for this run."""

@@ -271,6 +271,78 @@ def bench(ctx: click.Context, which: str) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("--grid", "-g", "grid", multiple=True, required=True, metavar="FIELD=V1,V2,...",
+              help="A grid axis: a dotted config field and its values (repeat for more axes).")
+@click.option("--tolerance", "-t", type=float, default=1e-6, show_default=True,
+              help="The ||grad f||^2 a run must reach to count its bits-to-tolerance.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/sweep", show_default=True,
+              help="One folder per run (metrics.jsonl) and table.json.")
+@click.option("--distributed", is_flag=True, help="Run each point as a local cluster (default: in-process).")
+@config_options
+def sweep(config_file: str, grid: tuple[str, ...], tolerance: float, out: str, distributed: bool,
+          workers: int | None, rounds: int | None, seed: int | None) -> None:
+    """Run a grid of CONFIG_FILE's variants and print bits-to-tolerance per run.
+
+    \b
+      threepc sweep examples/ef21_a9a.toml -g compressor.k=1,2,4 -g stepsize_multiplier=1,2,4,8
+
+    Like the papers' heatmaps: each cell is the bits a worker sent until ||grad f||^2 <= tolerance
+    ('-' if never). Stepsizes that diverge show as such; the sweep goes on.
+    """
+    import tomllib
+
+    from threepc.common.engine import plan, run_in_process
+    from threepc.server.launch import run_local
+    from threepc.server.runlog import RunLog
+    from threepc.server.sweep import parse_axis, sweep as run_sweep
+
+    try:
+        base = {**tomllib.loads(Path(config_file).read_text()), **_overrides(workers, rounds, seed)}
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ThreePCError(f"cannot read config {config_file}: {err}") from None
+    axes = [parse_axis(text) for text in grid]
+
+    def run_one(config: config_mod.RunConfig, folder: Path) -> list[dict]:
+        log, rows = RunLog(folder), []
+
+        def on_round(row: dict) -> None:
+            rows.append(row)
+            log.write_row(row)
+
+        the_plan = plan(config)
+        try:
+            if distributed:
+                asyncio.run(run_local(the_plan, folder, on_round))
+            else:
+                run_in_process(the_plan, on_round)
+        finally:
+            log.close({"config": config.model_dump(mode="json"), "rounds": len(rows)})
+        return rows
+
+    def on_run(entry: dict) -> None:
+        bits = entry["bits_to_tolerance"]
+        shown = f"{bits:.6g}" if bits is not None else ("diverged" if entry.get("error") else "-")
+        click.echo(f"{entry['run']:50s} bits to {tolerance:g}: {shown}")
+
+    run_sweep(base, axes, Path(out), tolerance, run_one, on_run)
+    click.echo(f"table: {Path(out) / 'table.json'}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("metrics", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default="fig.png", show_default=True,
+              help="Figure file (.png or .svg).")
+@click.option("--x", "x_axis", type=click.Choice(["bits", "value-bits", "wire-bytes", "rounds"]), default="bits",
+              show_default=True, help="x-axis: bits per worker (the papers'), or what crossed the wire.")
+def plot(metrics: tuple[str, ...], out: str, x_axis: str) -> None:
+    """Draw ||grad f||^2 against bits per worker for METRICS files (one line per run, log scale)."""
+    from threepc.server.plot import plot as draw
+
+    click.echo(f"wrote {draw([Path(m) for m in metrics], Path(out), x_axis)}")
+
+
+@cli.command(context_settings=CONTEXT)
 def methods() -> None:
     """List every method and compressor with its parameters and constants."""
     import inspect

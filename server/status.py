@@ -18,6 +18,7 @@ STATUS: dict[type[errors.ThreePCError], grpc.StatusCode] = {
     errors.AuthError: grpc.StatusCode.UNAUTHENTICATED,
     errors.MismatchError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.TransportError: grpc.StatusCode.UNAVAILABLE,
+    errors.DivergedError: grpc.StatusCode.ABORTED,
 }
 
 
