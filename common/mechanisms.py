@@ -110,6 +110,12 @@ def ef21_3pc(c: Compressor) -> ThreePointFn:
     return lambda h, y, x, r: Message(Mode.DELTA, (c.compress(x - h, r),))
 
 
+def naive_3pc(c: Compressor) -> ThreePointFn:
+    """Naive compressed GD, C(x): no error feedback. Not a 3PC (E||C(x) - x||^2 does not vanish
+    as the gradients converge); here to show why EF21 is needed: it can stall or diverge."""
+    return lambda h, y, x, r: Message(Mode.REPLACE, (c.compress(x, r),))
+
+
 def lazy(inner: ThreePointFn, zeta: float) -> ThreePointFn:
     """Run `inner` only if ||x - h||^2 > zeta ||x - y||^2 (strict), else keep h at a 1-bit skip."""
 

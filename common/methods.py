@@ -50,6 +50,8 @@ def _build_3pc(name: str, params: dict[str, Any], c: Compressor, dtype: str, d: 
     elif name in ("ef21", "ef21_plus"):
         fn = m.ef21_3pc(c) if name == "ef21" else m.ef21_plus_3pc(c)
         result = (fn, m._ef21_constants(m._alpha(c, d)), False)
+    elif name == "naive":
+        result = (m.naive_3pc(c), m.Constants(1.0, 0.0), False)
     elif name == "lag":
         zeta = float(take("zeta", 1.0))
         result = (m.lazy(m.gd_3pc(dtype), zeta), m.Constants(1.0, zeta), True)
@@ -100,6 +102,7 @@ THREE_POINT: dict[str, str] = {
     "3pcv3": "inner={name=...}, c1={name=...}",
     "3pcv4": "c2={name=...}",
     "3pcv5": "p=k/d",
+    "naive": "(no error feedback: g_i = C(grad f_i); can stall or diverge; theory stepsize as GD's)",
 }
 
 
