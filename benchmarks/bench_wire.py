@@ -33,6 +33,7 @@ with its error instead of its figures).
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import math
@@ -48,7 +49,6 @@ from threepc.common.bitpack import log2_binomial
 from threepc.common.compressors import COMPRESSORS, make_compressor
 from threepc.common.config import WireConfig
 from threepc.common.payloads import (
-    DenseVector,
     Message,
     Mode,
     SeededSparseVector,
@@ -69,7 +69,7 @@ ROUND, WORKER = 1, 0
 # registered (another module adds them; the benchmark takes whatever is there).
 QUANTIZERS = ("qsgd", "natural_dithering", "natural_compression", "iq", "cq")
 SIGNS = ("scaled_sign", "drive")
-SEEDED = ("perm_k",)
+SEEDED = ("perm_k", "perm_k_cq")
 
 
 @dataclass
@@ -91,9 +91,11 @@ class Row:
     error: str | None = None
 
 
-def _median_s(repeats: int, fn: Callable[[], object]) -> float:
-    """Median wall time of fn() in seconds, after one warm-up call (caches, allocator)."""
-    fn()
+def _median_s(repeats: int, fn: Callable[[], object], warm: bool = False) -> float:
+    """Median wall time of fn() in seconds, after one warm-up call (caches, allocator) unless
+    the caller just made one (`warm`)."""
+    if not warm:
+        fn()
     times = []
     for _ in range(max(1, repeats)):
         start = time.perf_counter()
@@ -163,7 +165,7 @@ def measure(kind: str, d: int, k: int | None, make: Callable[[], Message], repea
         message = make()
         if row.k is None:
             row.k = sent_coordinates(message, d)
-        row.compress_s = _median_s(repeats, make)
+        row.compress_s = _median_s(repeats, make, warm=True)
         wire = WireConfig()
 
         def encode() -> list[bytes]:
@@ -178,7 +180,7 @@ def measure(kind: str, d: int, k: int | None, make: Callable[[], Message], repea
             assert envelope is not None
             return codec.message_from_proto(envelope.update, d, ROUND, WORKER)
 
-        data = encode()
+        data = encode()  # each first call below is also the warm-up of its timing
         decoded = decode(data)
         if decoded.dense(d).tobytes() != message.dense(d).tobytes():
             raise AssertionError("decoded message differs from the sent one")
@@ -187,15 +189,17 @@ def measure(kind: str, d: int, k: int | None, make: Callable[[], Message], repea
         row.wire_bytes = sum(len(f) + FRAME_BYTES for f in data)
         row.limit_bits = limit_bits(message, d)
         row.naive_bytes, row.npsave_bytes = naive_sizes(message, d)
-        row.encode_s = _median_s(repeats, encode)
-        row.decode_s = _median_s(repeats, lambda: decode(data))
-        row.dense_s = _median_s(repeats, lambda: decoded.dense(d))
-    except Exception as err:  # a benchmark prints what it could not measure and goes on
+        row.encode_s = _median_s(repeats, encode, warm=True)
+        row.decode_s = _median_s(repeats, lambda: decode(data), warm=True)
+        row.dense_s = _median_s(repeats, lambda: decoded.dense(d), warm=True)
+    except Exception as err:  # noqa: BLE001 - a benchmark prints what it could not measure, goes on
         row.error = f"{type(err).__name__}: {err}"
     return row
 
 
-def _compressed(name: str, params: dict[str, object], dtype: str, x: np.ndarray) -> Callable[[], Message]:
+def _compressed(
+    name: str, params: dict[str, object], dtype: str, x: np.ndarray
+) -> Callable[[], Message]:
     compressor = make_compressor(name, params, dtype)
     return lambda: Message(Mode.DELTA, (compressor.compress(x, fixed(1, WORKER, N_WORKERS)),))
 
@@ -206,12 +210,17 @@ def rows_for(d: int, x: np.ndarray, repeats: int) -> Iterator[Row]:
         yield measure(f"dense {dtype}", d, d, _compressed("identity", {}, dtype, x), repeats)
     for density in DENSITIES:
         k = max(1, round(d * density))
-        row = measure(f"top_k {density:.1%}", d, k, _compressed("top_k", {"k": k}, "float32", x), repeats)
-        mag = np.abs(x)
-        row.argpartition_s = _median_s(repeats, lambda: np.argpartition(mag, d - k))
+        row = measure(
+            f"top_k {density:.1%}", d, k, _compressed("top_k", {"k": k}, "float32", x), repeats
+        )
+        row.argpartition_s = _median_s(
+            repeats, functools.partial(np.argpartition, np.abs(x), d - k)
+        )
         yield row
     k = max(1, round(d * RAND_K_DENSITY))
-    yield measure(f"rand_k {RAND_K_DENSITY:.1%}", d, k, _compressed("rand_k", {"k": k}, "float32", x), repeats)
+    yield measure(
+        f"rand_k {RAND_K_DENSITY:.1%}", d, k, _compressed("rand_k", {"k": k}, "float32", x), repeats
+    )
     for name in (*SEEDED, *QUANTIZERS, *SIGNS):
         if name in COMPRESSORS:
             yield measure(name, d, None, _compressed(name, {}, "float32", x), repeats)
@@ -257,7 +266,7 @@ _COLUMNS = (
 
 
 def _cells(row: Row) -> list[str]:
-    def num(v: float | int | None, ms: bool = False) -> str:
+    def num(v: float | None, ms: bool = False) -> str:
         if v is None:
             return "-"
         if ms:
@@ -280,7 +289,7 @@ def _cells(row: Row) -> list[str]:
             cells.append(row.kind)
         elif attr == "d":
             cells.append(f"{row.d:.0e}")
-        else:
+        elif attr is not None:
             cells.append(num(getattr(row, attr), ms=attr.endswith("_s")))
     return cells
 
@@ -309,18 +318,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="threepc bench wire", description=(__doc__ or "").splitlines()[0]
     )
-    parser.add_argument("--d", type=float, nargs="+", default=[1e6, 1e7], help="dimensions (default 1e6 1e7)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per figure (median)")
+    parser.add_argument(
+        "--d", type=float, nargs="+", default=[1e6, 1e7], help="dimensions (default 1e6 1e7)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed calls per figure, median (default 3, 1 at d > 2e6)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON object per row instead of a table"
+    )
     args = parser.parse_args(argv)
 
     rows: list[Row] = []
     for d in (int(v) for v in args.d):
         x = gradient_like(d, args.seed)
-        for row in rows_for(d, x, args.repeats):
+        repeats = args.repeats if args.repeats is not None else (3 if d <= 2_000_000 else 1)
+        for row in rows_for(d, x, repeats):
             if args.json:
-                print(json.dumps({k: _finite_or_none(v) for k, v in asdict(row).items()}), flush=True)
+                print(
+                    json.dumps({k: _finite_or_none(v) for k, v in asdict(row).items()}), flush=True
+                )
             rows.append(row)
     if not args.json:
         print_table(rows)

@@ -9,11 +9,14 @@ returns can corrupt the aggregate.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 
 from threepc.common import bitpack
 from threepc.common.errors import DecodeError
+from threepc.common.hadamard import padded_size
 from threepc.common.payloads import (
     DenseVector,
     Grid,
@@ -133,10 +136,32 @@ def part_to_proto(part: VectorPayload) -> ProtoPart:
     raise TypeError(f"no wire form for {type(part).__name__}")
 
 
+_R = TypeVar("_R")
+# Scales and offsets travel as float32-sized figures (payloads.SCALE_BITS); bounding them to
+# float32's range keeps every decoded value finite in float64 (2^127 * 3.4e38 for Grid.EXPONENT,
+# sqrt(d') * 3.4e38 after DRIVE's inverse rotation).
+_SCALE_MAX = float(np.finfo(np.float32).max)
+
+
 def _finite(value: float, field: str) -> float:
     if not math.isfinite(value):
         raise DecodeError(f"{field}: not finite ({value})")
     return value
+
+
+def _scale(value: float, field: str) -> float:
+    """A finite scale or offset within float32's range."""
+    if abs(_finite(value, field)) > _SCALE_MAX:
+        raise DecodeError(f"{field}: {value} beyond float32's range (|x| <= {_SCALE_MAX:.7g})")
+    return value
+
+
+def _packed(field: str, decode: Callable[..., _R], *args: object) -> _R:
+    """A bitpack decoder's result, its DecodeError prefixed with the wire field's name."""
+    try:
+        return decode(*args)
+    except DecodeError as err:
+        raise DecodeError(f"{field}: {err}") from None
 
 
 def part_from_proto(proto: ProtoPart, d: int, field: str = "part") -> VectorPayload:
@@ -149,7 +174,7 @@ def part_from_proto(proto: ProtoPart, d: int, field: str = "part") -> VectorPayl
         sp = proto.sparse
         if sp.count > d:
             raise DecodeError(f"{field}.sparse.count: {sp.count} > d = {d}")
-        indices = bitpack.decode_indices(sp.index_coding, sp.indices, sp.count, d)
+        indices = _packed(f"{field}.sparse.indices", bitpack.decode_indices, sp.index_coding, sp.indices, sp.count, d)
         values, dtype = values_from_bytes(sp.values, sp.dtype, sp.count, f"{field}.sparse.values")
         return SparseVector(d, indices, values, dtype)
     if kind == "seeded":
@@ -173,26 +198,28 @@ def part_from_proto(proto: ProtoPart, d: int, field: str = "part") -> VectorPayl
         if not 1 <= q.level_bits <= 32:
             raise DecodeError(f"{field}.quantized.level_bits: {q.level_bits} not in [1, 32]")
         grid = Grid(q.grid)
-        codes = bitpack.unpack_uints(q.level_codes, d, q.level_bits)
+        if grid in (Grid.UNIFORM, Grid.NATURAL) and q.levels < 1:
+            raise DecodeError(f"{field}.quantized.levels: {q.levels}, expected s >= 1 for grid {grid.name}")
+        codes = _packed(f"{field}.quantized.level_codes", bitpack.unpack_uints, q.level_codes, d, q.level_bits)
         top = 254 if grid is Grid.EXPONENT else (q.levels - 1 if grid is Grid.RANGE else q.levels)
         if codes.size and int(codes.max()) > top:
             raise DecodeError(f"{field}.quantized.level_codes: level {int(codes.max())} > {top}")
-        negative = bitpack.unpack_bits(q.signs, d) if q.signed else None
+        negative = _packed(f"{field}.quantized.signs", bitpack.unpack_bits, q.signs, d) if q.signed else None
         return QuantizedVector(
             grid,
             q.levels,
-            _finite(q.scale, f"{field}.quantized.scale"),
+            _scale(q.scale, f"{field}.quantized.scale"),
             codes.astype(np.uint32),
             q.level_bits,
             negative,
-            _finite(q.offset, f"{field}.quantized.offset"),
+            _scale(q.offset, f"{field}.quantized.offset"),
             q.seed,
         )
     if kind == "sign":
         s = proto.sign
-        return SignVector(
-            _finite(s.scale, f"{field}.sign.scale"), bitpack.unpack_bits(s.signs, d), s.rotation_seed, s.rotated
-        )
+        count = padded_size(d) if s.rotated else d  # DRIVE sends d' = 2^ceil(log2 d) signs
+        negative = _packed(f"{field}.sign.signs", bitpack.unpack_bits, s.signs, count)
+        return SignVector(_scale(s.scale, f"{field}.sign.scale"), negative, s.rotation_seed, s.rotated)
     raise DecodeError(f"{field}: unknown or missing payload kind")
 
 

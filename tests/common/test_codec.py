@@ -9,6 +9,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -79,7 +80,9 @@ def vector_payloads(d: int, dtype: str, seed: int = 0) -> dict[str, VectorPayloa
     for label, k in sizes.items():
         out[f"sparse {label}"] = SparseVector(d, _subset(rng, d, k), _values(rng, k, dtype), dtype)
     for label, k in {"empty": 0, "one": 1, "few": min(7, d), "all": d}.items():
-        out[f"rand_k {label}"] = SeededSparseVector(IndexRule.RAND_K, 11 + k, _values(rng, k, dtype), dtype=dtype)
+        out[f"rand_k {label}"] = SeededSparseVector(
+            IndexRule.RAND_K, 11 + k, _values(rng, k, dtype), dtype=dtype
+        )
     blocks = min(N_WORKERS, d)  # n > d is tested apart
     for block in range(blocks):
         idx, _ = perm_k_block(d, 99, block, blocks)
@@ -87,19 +90,25 @@ def vector_payloads(d: int, dtype: str, seed: int = 0) -> dict[str, VectorPayloa
             IndexRule.PERM_K, 99, _values(rng, idx.size, dtype), block, blocks, dtype
         )
     sign = rng.random(d) < 0.5
-    out["qsgd"] = QuantizedVector(Grid.UNIFORM, 3, 2.5, rng.integers(0, 4, d).astype(np.uint32), 2, sign)
+    out["qsgd"] = QuantizedVector(
+        Grid.UNIFORM, 3, 2.5, rng.integers(0, 4, d).astype(np.uint32), 2, sign
+    )
     out["natural_dithering"] = QuantizedVector(
         Grid.NATURAL, 4, 0.75, rng.integers(0, 5, d).astype(np.uint32), 3, sign
     )
     out["natural_compression"] = QuantizedVector(
         Grid.EXPONENT, 8, 1.0, rng.integers(0, 255, d).astype(np.uint32), 8, sign
     )
-    out["iq"] = QuantizedVector(Grid.RANGE, 4, 3.0, rng.integers(0, 4, d).astype(np.uint32), 2, None, -1.5)
+    out["iq"] = QuantizedVector(
+        Grid.RANGE, 4, 3.0, rng.integers(0, 4, d).astype(np.uint32), 2, None, -1.5
+    )
     out["cq seeded"] = QuantizedVector(
         Grid.RANGE, 2, 0.5, rng.integers(0, 2, d).astype(np.uint32), 1, None, 0.25, seed=7
     )
     out["scaled_sign"] = SignVector(0.125, sign)
-    out["drive"] = SignVector(0.5, rng.random(padded_size(d)) < 0.5, rotation_seed=1234, rotated=True)
+    out["drive"] = SignVector(
+        0.5, rng.random(padded_size(d)) < 0.5, rotation_seed=1234, rotated=True
+    )
     return out
 
 
@@ -113,7 +122,10 @@ def messages(d: int, dtype: str) -> dict[str, Message]:
     out["replace with zero"] = Message(Mode.REPLACE, ())
     out["top_k + rand_k"] = Message(Mode.DELTA, (parts["sparse few"], parts["rand_k few"]), 1)
     out["max parts"] = Message(
-        Mode.REPLACE, (parts["dense"], parts["sparse one"], parts["qsgd"], parts["scaled_sign"])[: codec.MAX_PARTS]
+        Mode.REPLACE,
+        (parts["dense"], parts["sparse one"], parts["qsgd"], parts["scaled_sign"])[
+            : codec.MAX_PARTS
+        ],
     )
     return out
 
@@ -138,7 +150,9 @@ def expected_bits(part: VectorPayload) -> int:
 
 
 def _wire(message: Message, t: int = T, worker_id: int = WORKER) -> bytes:
-    return ProtoWorkerMessage(update=codec.message_to_proto(t, worker_id, message)).SerializeToString()
+    return ProtoWorkerMessage(
+        update=codec.message_to_proto(t, worker_id, message)
+    ).SerializeToString()
 
 
 def _through_the_wire(message: Message, d: int, chunk_bytes: int = 1 << 20) -> Message:
@@ -167,7 +181,11 @@ def test_round_trip_is_exact(name: str, dtype: str) -> None:
     decoded = _through_the_wire(message, D)
     assert decoded.mode is message.mode and decoded.flag_bits == message.flag_bits
     assert _same_bits(decoded.dense(D), message.dense(D))
-    assert decoded.bits() == message.bits() == message.flag_bits + sum(expected_bits(p) for p in message.parts)
+    assert (
+        decoded.bits()
+        == message.bits()
+        == message.flag_bits + sum(expected_bits(p) for p in message.parts)
+    )
     for sent, got in zip(message.parts, decoded.parts, strict=True):
         assert type(got) is type(sent)
         if isinstance(sent, SparseVector | SeededSparseVector | DenseVector):
@@ -191,7 +209,9 @@ def test_every_index_coding_decodes(coding: IndexCoding) -> None:
     rng = np.random.default_rng(int(coding))
     idx = _subset(rng, D, 9)
     packed, _ = bitpack.encode_indices_as(coding, idx, D)
-    update = codec.message_to_proto(T, WORKER, Message(Mode.DELTA, (SparseVector(D, idx, _values(rng, 9, "float32")),)))
+    update = codec.message_to_proto(
+        T, WORKER, Message(Mode.DELTA, (SparseVector(D, idx, _values(rng, 9, "float32")),))
+    )
     update.parts[0].sparse.index_coding = int(coding)
     update.parts[0].sparse.indices = packed
     decoded = codec.message_from_proto(update, D, T, WORKER)
@@ -306,99 +326,332 @@ def test_non_finite_values_are_refused(dtype: str, bad: float) -> None:
     _refused(seeded, r"seeded\.values: contains NaN or Inf")
 
 
+def _set(proto: Any, **fields: object) -> Any:
+    """proto with `fields` set (a message field is copied in), for one-line mutations."""
+    for name, value in fields.items():
+        if hasattr(value, "DESCRIPTOR"):
+            getattr(proto, name).CopyFrom(value)
+        else:
+            setattr(proto, name, value)
+    return proto
+
+
+def _nan_scale_in_a_second_part(update: ProtoUpdate) -> None:
+    second = update.parts.add()
+    second.CopyFrom(update.parts[0])
+    second.sign.scale = math.nan
+
+
 def _set_padding(packed: bytes) -> bytes:
     """The last byte with its low 4 bits (padding, for 60 or 180 bits) set."""
     return packed[:-1] + bytes([packed[-1] | 0x0F])
 
 
 # (case name, payload name, mutation, the DecodeError's expected field and reason)
-Mutation = Callable[[ProtoUpdate], None]
+Mutation = Callable[[ProtoUpdate], object]
 REFUSALS: list[tuple[str, str, Mutation, str]] = [
     # dense
-    ("dense too short", "dense", lambda u: setattr(u.parts[0].dense, "values", u.parts[0].dense.values[:-4]),
-     r"parts\[0\]\.dense\.values: 236 bytes, expected 60 float32"),
-    ("dense too long", "dense", lambda u: setattr(u.parts[0].dense, "values", u.parts[0].dense.values + b"\0" * 4),
-     r"dense\.values: 244 bytes"),
-    ("dense unknown dtype", "dense", lambda u: setattr(u.parts[0].dense, "dtype", 9), r"dense\.values: unknown dtype 9"),
-    ("dense unspecified dtype", "dense", lambda u: setattr(u.parts[0].dense, "dtype", 0), r"dense\.values: unknown dtype 0"),
+    (
+        "dense too short",
+        "dense",
+        lambda u: setattr(u.parts[0].dense, "values", u.parts[0].dense.values[:-4]),
+        r"parts\[0\]\.dense\.values: 236 bytes, expected 60 float32",
+    ),
+    (
+        "dense too long",
+        "dense",
+        lambda u: setattr(u.parts[0].dense, "values", u.parts[0].dense.values + b"\0" * 4),
+        r"dense\.values: 244 bytes",
+    ),
+    (
+        "dense unknown dtype",
+        "dense",
+        lambda u: setattr(u.parts[0].dense, "dtype", 9),
+        r"dense\.values: unknown dtype 9",
+    ),
+    (
+        "dense unspecified dtype",
+        "dense",
+        lambda u: setattr(u.parts[0].dense, "dtype", 0),
+        r"dense\.values: unknown dtype 0",
+    ),
     # sparse
-    ("sparse count > d", "sparse few", lambda u: setattr(u.parts[0].sparse, "count", D + 1), r"sparse\.count: 61 > d = 60"),
-    ("sparse count != coded indices", "sparse few", lambda u: setattr(u.parts[0].sparse, "count", 6),
-     r"sparse\.indices"),
-    ("sparse unknown index coding", "sparse few", lambda u: setattr(u.parts[0].sparse, "index_coding", 7),
-     r"sparse\.indices.*unknown index coding 7"),
-    ("sparse indices truncated", "sparse few", lambda u: setattr(u.parts[0].sparse, "indices", u.parts[0].sparse.indices[:-1]),
-     r"sparse\.indices"),
-    ("sparse indices extended", "sparse few", lambda u: setattr(u.parts[0].sparse, "indices", u.parts[0].sparse.indices + b"\x01"),
-     r"sparse\.indices"),
-    ("sparse values short", "sparse few", lambda u: setattr(u.parts[0].sparse, "values", u.parts[0].sparse.values[:-1]),
-     r"sparse\.values: 19 bytes, expected 5 float32"),
-    ("sparse unknown dtype", "sparse few", lambda u: setattr(u.parts[0].sparse, "dtype", 5), r"sparse\.values: unknown dtype 5"),
+    (
+        "sparse count > d",
+        "sparse few",
+        lambda u: setattr(u.parts[0].sparse, "count", D + 1),
+        r"sparse\.count: 61 > d = 60",
+    ),
+    (
+        "sparse count != coded indices",
+        "sparse few",
+        lambda u: setattr(u.parts[0].sparse, "count", 6),
+        r"sparse\.indices",
+    ),
+    (
+        "sparse unknown index coding",
+        "sparse few",
+        lambda u: setattr(u.parts[0].sparse, "index_coding", 7),
+        r"sparse\.indices.*unknown index coding 7",
+    ),
+    (
+        "sparse indices truncated",
+        "sparse few",
+        lambda u: setattr(u.parts[0].sparse, "indices", u.parts[0].sparse.indices[:-1]),
+        r"sparse\.indices",
+    ),
+    (
+        "sparse indices extended",
+        "sparse few",
+        lambda u: setattr(u.parts[0].sparse, "indices", u.parts[0].sparse.indices + b"\x01"),
+        r"sparse\.indices",
+    ),
+    (
+        "sparse values short",
+        "sparse few",
+        lambda u: setattr(u.parts[0].sparse, "values", u.parts[0].sparse.values[:-1]),
+        r"sparse\.values: 19 bytes, expected 5 float32",
+    ),
+    (
+        "sparse unknown dtype",
+        "sparse few",
+        lambda u: setattr(u.parts[0].sparse, "dtype", 5),
+        r"sparse\.values: unknown dtype 5",
+    ),
     # seeded
-    ("seeded unknown rule", "rand_k few", lambda u: setattr(u.parts[0].seeded, "rule", 3), r"seeded\.rule: unknown rule 3"),
-    ("seeded rule 0", "rand_k few", lambda u: setattr(u.parts[0].seeded, "rule", 0), r"seeded\.rule: unknown rule 0"),
-    ("seeded count > d", "rand_k few", lambda u: setattr(u.parts[0].seeded, "count", D + 1), r"seeded\.count: 61 > d"),
-    ("seeded values short", "rand_k few", lambda u: setattr(u.parts[0].seeded, "values", u.parts[0].seeded.values[:-4]),
-     r"seeded\.values: 24 bytes, expected 7"),
-    ("seeded count != values", "rand_k few", lambda u: setattr(u.parts[0].seeded, "count", 8), r"seeded\.values"),
-    ("perm_k block >= blocks", "perm_k block=1", lambda u: setattr(u.parts[0].seeded, "block", 3),
-     r"seeded: block 3 of 3 invalid"),
-    ("perm_k no blocks", "perm_k block=1", lambda u: setattr(u.parts[0].seeded, "blocks", 0), r"seeded: block 1 of 0"),
-    ("perm_k count != block size", "perm_k block=1",
-     lambda u: (setattr(u.parts[0].seeded, "count", 19), setattr(u.parts[0].seeded, "values", b"\0" * 76)),
-     r"seeded\.count: 19 values for a block of 20"),
-    ("seeded unknown dtype", "rand_k few", lambda u: setattr(u.parts[0].seeded, "dtype", 77), r"seeded\.values: unknown dtype"),
+    (
+        "seeded unknown rule",
+        "rand_k few",
+        lambda u: setattr(u.parts[0].seeded, "rule", 3),
+        r"seeded\.rule: unknown rule 3",
+    ),
+    (
+        "seeded rule 0",
+        "rand_k few",
+        lambda u: setattr(u.parts[0].seeded, "rule", 0),
+        r"seeded\.rule: unknown rule 0",
+    ),
+    (
+        "seeded count > d",
+        "rand_k few",
+        lambda u: setattr(u.parts[0].seeded, "count", D + 1),
+        r"seeded\.count: 61 > d",
+    ),
+    (
+        "seeded values short",
+        "rand_k few",
+        lambda u: setattr(u.parts[0].seeded, "values", u.parts[0].seeded.values[:-4]),
+        r"seeded\.values: 24 bytes, expected 7",
+    ),
+    (
+        "seeded count != values",
+        "rand_k few",
+        lambda u: setattr(u.parts[0].seeded, "count", 8),
+        r"seeded\.values",
+    ),
+    (
+        "perm_k block >= blocks",
+        "perm_k block=1",
+        lambda u: setattr(u.parts[0].seeded, "block", 3),
+        r"seeded: block 3 of 3 invalid",
+    ),
+    (
+        "perm_k no blocks",
+        "perm_k block=1",
+        lambda u: setattr(u.parts[0].seeded, "blocks", 0),
+        r"seeded: block 1 of 0",
+    ),
+    (
+        "perm_k count != block size",
+        "perm_k block=1",
+        lambda u: _set(u.parts[0].seeded, count=19, values=b"\0" * 76),
+        r"seeded\.count: 19 values for a block of 20",
+    ),
+    (
+        "seeded unknown dtype",
+        "rand_k few",
+        lambda u: setattr(u.parts[0].seeded, "dtype", 77),
+        r"seeded\.values: unknown dtype",
+    ),
     # quantized
-    ("quantized unknown grid", "qsgd", lambda u: setattr(u.parts[0].quantized, "grid", 5), r"quantized\.grid: unknown grid 5"),
-    ("quantized grid 0", "qsgd", lambda u: setattr(u.parts[0].quantized, "grid", 0), r"quantized\.grid: unknown grid 0"),
-    ("quantized level_bits 0", "qsgd", lambda u: setattr(u.parts[0].quantized, "level_bits", 0), r"quantized\.level_bits: 0"),
-    ("quantized level_bits 33", "qsgd", lambda u: setattr(u.parts[0].quantized, "level_bits", 33), r"quantized\.level_bits: 33"),
-    ("qsgd level > s", "qsgd", lambda u: setattr(u.parts[0].quantized, "levels", 2), r"quantized\.level_codes: level 3 > 2"),
-    ("natural dithering level > s", "natural_dithering", lambda u: setattr(u.parts[0].quantized, "levels", 3),
-     r"quantized\.level_codes: level 4 > 3"),
-    ("natural compression level 255", "natural_compression",
-     lambda u: setattr(u.parts[0].quantized, "level_codes", b"\xff" * D), r"quantized\.level_codes: level 255 > 254"),
-    ("range level >= levels", "iq", lambda u: setattr(u.parts[0].quantized, "levels", 3), r"quantized\.level_codes: level 3 > 2"),
-    ("quantized NaN scale", "qsgd", lambda u: setattr(u.parts[0].quantized, "scale", math.nan), r"quantized\.scale: not finite"),
-    ("quantized Inf scale", "iq", lambda u: setattr(u.parts[0].quantized, "scale", math.inf), r"quantized\.scale: not finite"),
-    ("quantized NaN offset", "iq", lambda u: setattr(u.parts[0].quantized, "offset", math.nan), r"quantized\.offset: not finite"),
-    ("quantized -Inf offset", "iq", lambda u: setattr(u.parts[0].quantized, "offset", -math.inf), r"quantized\.offset: not finite"),
-    ("quantized level codes short", "qsgd", lambda u: setattr(u.parts[0].quantized, "level_codes", u.parts[0].quantized.level_codes[:-1]),
-     r"quantized\.level_codes"),
-    ("quantized level codes nonzero padding", "natural_dithering",  # 3 x 60 bits: 4 padding bits
-     lambda u: setattr(u.parts[0].quantized, "level_codes", _set_padding(u.parts[0].quantized.level_codes)),
-     r"quantized\.level_codes"),
-    ("quantized signs short", "qsgd", lambda u: setattr(u.parts[0].quantized, "signs", u.parts[0].quantized.signs[:-1]),
-     r"quantized\.signs"),
-    ("quantized signs missing", "qsgd", lambda u: setattr(u.parts[0].quantized, "signs", b""), r"quantized\.signs"),
-    ("quantized signs nonzero padding", "qsgd",
-     lambda u: setattr(u.parts[0].quantized, "signs", _set_padding(u.parts[0].quantized.signs)), r"quantized\.signs"),
-    ("sign signs nonzero padding", "scaled_sign",
-     lambda u: setattr(u.parts[0].sign, "signs", _set_padding(u.parts[0].sign.signs)), r"sign\.signs"),
+    (
+        "quantized unknown grid",
+        "qsgd",
+        lambda u: setattr(u.parts[0].quantized, "grid", 5),
+        r"quantized\.grid: unknown grid 5",
+    ),
+    (
+        "quantized grid 0",
+        "qsgd",
+        lambda u: setattr(u.parts[0].quantized, "grid", 0),
+        r"quantized\.grid: unknown grid 0",
+    ),
+    (
+        "quantized level_bits 0",
+        "qsgd",
+        lambda u: setattr(u.parts[0].quantized, "level_bits", 0),
+        r"quantized\.level_bits: 0",
+    ),
+    (
+        "quantized level_bits 33",
+        "qsgd",
+        lambda u: setattr(u.parts[0].quantized, "level_bits", 33),
+        r"quantized\.level_bits: 33",
+    ),
+    (
+        "qsgd level > s",
+        "qsgd",
+        lambda u: setattr(u.parts[0].quantized, "levels", 2),
+        r"quantized\.level_codes: level 3 > 2",
+    ),
+    (
+        "natural dithering level > s",
+        "natural_dithering",
+        lambda u: setattr(u.parts[0].quantized, "levels", 3),
+        r"quantized\.level_codes: level 4 > 3",
+    ),
+    (
+        "natural compression level 255",
+        "natural_compression",
+        lambda u: setattr(u.parts[0].quantized, "level_codes", b"\xff" * D),
+        r"quantized\.level_codes: level 255 > 254",
+    ),
+    (
+        "range level >= levels",
+        "iq",
+        lambda u: setattr(u.parts[0].quantized, "levels", 3),
+        r"quantized\.level_codes: level 3 > 2",
+    ),
+    (
+        "quantized NaN scale",
+        "qsgd",
+        lambda u: setattr(u.parts[0].quantized, "scale", math.nan),
+        r"quantized\.scale: not finite",
+    ),
+    (
+        "quantized Inf scale",
+        "iq",
+        lambda u: setattr(u.parts[0].quantized, "scale", math.inf),
+        r"quantized\.scale: not finite",
+    ),
+    (
+        "quantized NaN offset",
+        "iq",
+        lambda u: setattr(u.parts[0].quantized, "offset", math.nan),
+        r"quantized\.offset: not finite",
+    ),
+    (
+        "quantized -Inf offset",
+        "iq",
+        lambda u: setattr(u.parts[0].quantized, "offset", -math.inf),
+        r"quantized\.offset: not finite",
+    ),
+    (
+        "quantized level codes short",
+        "qsgd",
+        lambda u: setattr(
+            u.parts[0].quantized, "level_codes", u.parts[0].quantized.level_codes[:-1]
+        ),
+        r"quantized\.level_codes",
+    ),
+    (
+        "quantized level codes nonzero padding",
+        "natural_dithering",  # 3 x 60 bits: 4 padding bits
+        lambda u: setattr(
+            u.parts[0].quantized, "level_codes", _set_padding(u.parts[0].quantized.level_codes)
+        ),
+        r"quantized\.level_codes",
+    ),
+    (
+        "quantized signs short",
+        "qsgd",
+        lambda u: setattr(u.parts[0].quantized, "signs", u.parts[0].quantized.signs[:-1]),
+        r"quantized\.signs",
+    ),
+    (
+        "quantized signs missing",
+        "qsgd",
+        lambda u: setattr(u.parts[0].quantized, "signs", b""),
+        r"quantized\.signs",
+    ),
+    (
+        "quantized signs nonzero padding",
+        "qsgd",
+        lambda u: setattr(u.parts[0].quantized, "signs", _set_padding(u.parts[0].quantized.signs)),
+        r"quantized\.signs",
+    ),
+    (
+        "sign signs nonzero padding",
+        "scaled_sign",
+        lambda u: setattr(u.parts[0].sign, "signs", _set_padding(u.parts[0].sign.signs)),
+        r"sign\.signs",
+    ),
     # sign
-    ("sign NaN scale", "scaled_sign", lambda u: setattr(u.parts[0].sign, "scale", math.nan), r"sign\.scale: not finite"),
-    ("sign Inf scale", "scaled_sign", lambda u: setattr(u.parts[0].sign, "scale", -math.inf), r"sign\.scale: not finite"),
-    ("sign signs short", "scaled_sign", lambda u: setattr(u.parts[0].sign, "signs", u.parts[0].sign.signs[:-1]),
-     r"sign\.signs"),
-    ("sign signs long", "scaled_sign", lambda u: setattr(u.parts[0].sign, "signs", u.parts[0].sign.signs + b"\0"),
-     r"sign\.signs"),
+    (
+        "sign NaN scale",
+        "scaled_sign",
+        lambda u: setattr(u.parts[0].sign, "scale", math.nan),
+        r"sign\.scale: not finite",
+    ),
+    (
+        "sign Inf scale",
+        "scaled_sign",
+        lambda u: setattr(u.parts[0].sign, "scale", -math.inf),
+        r"sign\.scale: not finite",
+    ),
+    (
+        "sign signs short",
+        "scaled_sign",
+        lambda u: setattr(u.parts[0].sign, "signs", u.parts[0].sign.signs[:-1]),
+        r"sign\.signs",
+    ),
+    (
+        "sign signs long",
+        "scaled_sign",
+        lambda u: setattr(u.parts[0].sign, "signs", u.parts[0].sign.signs + b"\0"),
+        r"sign\.signs",
+    ),
     # the part and the message
-    ("empty part", "dense", lambda u: u.parts[0].ClearField("dense"), r"parts\[0\]: unknown or missing payload kind"),
-    ("wrong round", "dense", lambda u: setattr(u, "round", T + 1), r"update\.round: 4, expected the current round 3"),
+    (
+        "empty part",
+        "dense",
+        lambda u: u.parts[0].ClearField("dense"),
+        r"parts\[0\]: unknown or missing payload kind",
+    ),
+    (
+        "wrong round",
+        "dense",
+        lambda u: setattr(u, "round", T + 1),
+        r"update\.round: 4, expected the current round 3",
+    ),
     ("stale round", "dense", lambda u: setattr(u, "round", 0), r"update\.round: 0"),
-    ("wrong worker id", "dense", lambda u: setattr(u, "worker_id", 0), r"update\.worker_id: 0, but this stream speaks for worker 1"),
+    (
+        "wrong worker id",
+        "dense",
+        lambda u: setattr(u, "worker_id", 0),
+        r"update\.worker_id: 0, but this stream speaks for worker 1",
+    ),
     ("unknown mode", "dense", lambda u: setattr(u, "mode", 2), r"update\.mode: unknown mode 2"),
     ("negative mode", "dense", lambda u: setattr(u, "mode", -1), r"update\.mode: unknown mode -1"),
     ("flag bits 2", "dense", lambda u: setattr(u, "flag_bits", 2), r"update\.flag_bits: 2"),
-    ("too many parts", "scaled_sign", lambda u: u.parts.extend([u.parts[0]] * codec.MAX_PARTS),
-     rf"update\.parts: {codec.MAX_PARTS + 1} parts, at most {codec.MAX_PARTS}"),
-    ("a bad second part", "scaled_sign",
-     lambda u: (u.parts.add().CopyFrom(u.parts[0]), setattr(u.parts[1].sign, "scale", math.nan)),
-     r"parts\[1\]\.sign\.scale"),
+    (
+        "too many parts",
+        "scaled_sign",
+        lambda u: u.parts.extend([u.parts[0]] * codec.MAX_PARTS),
+        rf"update\.parts: {codec.MAX_PARTS + 1} parts, at most {codec.MAX_PARTS}",
+    ),
+    (
+        "a bad second part",
+        "scaled_sign",
+        _nan_scale_in_a_second_part,
+        r"parts\[1\]\.sign\.scale",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("payload", "mutate", "match"), [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS])
+@pytest.mark.parametrize(
+    ("payload", "mutate", "match"), [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS]
+)
 def test_decoder_refuses_malformed_fields(payload: str, mutate: Mutation, match: str) -> None:
     update = _update(_payload(payload))
     codec.message_from_proto(update, D, T, WORKER)  # valid before the mutation
@@ -411,11 +664,25 @@ def test_decoder_refuses_malformed_fields(payload: str, mutate: Mutation, match:
     [
         ([3, 17, 61], None, r"sparse\.indices.*index 61 >= d = 60"),
         ([3, 63], None, r"sparse\.indices.*index 63 >= d = 60"),
-        ([17, 3, 40], None, r"sparse\.indices.*not strictly increasing at position 1 \(17 then 3\)"),
-        ([3, 17, 17], None, r"sparse\.indices.*not strictly increasing at position 2 \(17 then 17\)"),
+        (
+            [17, 3, 40],
+            None,
+            r"sparse\.indices.*not strictly increasing at position 1 \(17 then 3\)",
+        ),
+        (
+            [3, 17, 17],
+            None,
+            r"sparse\.indices.*not strictly increasing at position 2 \(17 then 17\)",
+        ),
         ([3, 17], 3, r"sparse\.indices"),
     ],
-    ids=["out of range", "out of range at 2^w - 1", "unsorted", "duplicate", "count past the bytes"],
+    ids=[
+        "out of range",
+        "out of range at 2^w - 1",
+        "unsorted",
+        "duplicate",
+        "count past the bytes",
+    ],
 )
 def test_decoder_refuses_bad_index_sets(indices: list[int], count: int | None, match: str) -> None:
     _refused(_fixed_width_sparse(indices, count), match)
@@ -490,7 +757,9 @@ def test_rotated_sign_with_d_signs_is_refused() -> None:
     _refused(update, r"sign\.signs", d=d)
 
 
-@pytest.mark.xfail(strict=True, reason="codec refuses PermK blocks > d; needs a bound on blocks (n)")
+@pytest.mark.xfail(
+    strict=True, reason="codec refuses PermK blocks > d; needs a bound on blocks (n)"
+)
 def test_perm_k_with_more_workers_than_coordinates_round_trips() -> None:
     """perm_k_block defines n > d (each coordinate shared by ~n/d workers); the decoder must
     accept what the compressor sends there."""
@@ -545,8 +814,10 @@ def _aggregator() -> engine.Aggregator:
     assert plan.dim == D
     agg = engine.Aggregator(plan)
     rng = np.random.default_rng(0)
-    for i in range(N_WORKERS):  # nonzero mirrors, so that "unchanged" means something
-        agg.apply(i, Message(Mode.REPLACE, (DenseVector(rng.standard_normal(D).astype(np.float32)),)))
+    # Nonzero mirrors, so that "unchanged" means something (set directly: the harness's own
+    # test replaces Aggregator.apply).
+    agg.mirrors = rng.standard_normal((N_WORKERS, D))
+    agg.g_sum = agg.mirrors.sum(axis=0)
     agg.t = T
     return agg
 
@@ -572,8 +843,21 @@ def _valid_updates() -> list[ProtoUpdate]:
 
 _INTERESTING_UINTS = [0, 1, 2, 3, 7, 8, D - 1, D, D + 1, 64, 255, 256, 2**31 - 1, 2**31, 2**32 - 1]
 _INTERESTING_DOUBLES = [
-    0.0, -0.0, 1.0, -1.0, math.nan, math.inf, -math.inf, 1e308, -1.7976931348623157e308, 5e-324,
-    3.4028234663852886e38, 3.5e38, 1e-45, 2.0**127, 2.0**-149,
+    0.0,
+    -0.0,
+    1.0,
+    -1.0,
+    math.nan,
+    math.inf,
+    -math.inf,
+    1e308,
+    -1.7976931348623157e308,
+    5e-324,
+    3.4028234663852886e38,
+    3.5e38,
+    1e-45,
+    2.0**127,
+    2.0**-149,
 ]
 
 
@@ -644,7 +928,9 @@ def _mutate_fields(r: random.Random, update: ProtoUpdate, pool: list[ProtoUpdate
         setattr(msg, field.name, _random_field_value(r, field, getattr(msg, field.name)))
 
 
-def _fuzz_input(r: random.Random, pool: list[ProtoUpdate], pool_bytes: list[bytes]) -> tuple[str, list[bytes]]:
+def _fuzz_input(
+    r: random.Random, pool: list[ProtoUpdate], pool_bytes: list[bytes]
+) -> tuple[str, list[bytes]]:
     """(strategy, the frames the coordinator receives)."""
     u = r.random()
     if u < 0.08:
@@ -690,7 +976,9 @@ def _decode_and_apply(agg: engine.Aggregator, data: list[bytes]) -> str:
         return "refused"
 
 
-def run_fuzz(cases: int, seed: int = FUZZ_SEED) -> tuple[dict[str, int], dict[tuple[str, str], tuple[int, str, bytes]]]:
+def run_fuzz(
+    cases: int, seed: int = FUZZ_SEED
+) -> tuple[dict[str, int], dict[tuple[str, str], tuple[int, str, bytes]]]:
     """Feed `cases` inputs through the decode path; (outcome counts, failures by kind).
 
     A failure is any exception other than DecodeError (numpy's floating-point warnings
@@ -722,7 +1010,9 @@ def run_fuzz(cases: int, seed: int = FUZZ_SEED) -> tuple[dict[str, int], dict[tu
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
             if outcome in ("refused", "crashed") and _state(agg) != before:
                 fail(("state changed", outcome), strategy, data)
-            if outcome == "applied" and not (np.isfinite(agg.mirrors).all() and np.isfinite(agg.g_sum).all()):
+            if outcome == "applied" and not (
+                np.isfinite(agg.mirrors).all() and np.isfinite(agg.g_sum).all()
+            ):
                 fail(("non-finite state", "after an applied message"), strategy, data)
             if outcome == "applied" or _state(agg) != before:
                 agg.x, agg.mirrors, agg.g_sum = (a.copy() for a in baseline)
@@ -736,7 +1026,9 @@ def test_fuzz_the_coordinator_decode_path() -> None:
     assert sum(outcomes.values()) == FUZZ_CASES
     report = "\n".join(
         f"  {count} x {kind}: {message} (first from {strategy}: {data.hex()})"
-        for (kind, message), (count, strategy, data) in sorted(failures.items(), key=lambda kv: -kv[1][0])
+        for (kind, message), (count, strategy, data) in sorted(
+            failures.items(), key=lambda kv: -kv[1][0]
+        )
     )
     print(f"fuzz: {FUZZ_CASES} cases in {elapsed:.1f} s: {outcomes}")
     assert not failures, f"{len(failures)} kinds of failure in {FUZZ_CASES} cases:\n{report}"
