@@ -29,15 +29,10 @@ from threepc.common.payloads import (
     SparseVector,
     VectorPayload,
 )
-from threepc.proto.threepc_pb2 import DenseVector as ProtoDenseVector
 from threepc.proto.threepc_pb2 import Diagnostics as ProtoDiagnostics
 from threepc.proto.threepc_pb2 import Dtype as ProtoDtype
 from threepc.proto.threepc_pb2 import Part as ProtoPart
-from threepc.proto.threepc_pb2 import QuantizedVector as ProtoQuantizedVector
 from threepc.proto.threepc_pb2 import Round as ProtoRound
-from threepc.proto.threepc_pb2 import SeededSparseVector as ProtoSeededSparseVector
-from threepc.proto.threepc_pb2 import SignVector as ProtoSignVector
-from threepc.proto.threepc_pb2 import SparseVector as ProtoSparseVector
 from threepc.proto.threepc_pb2 import Update as ProtoUpdate
 
 # ----------------------------------------------------------------------------- values
@@ -82,58 +77,55 @@ def values_from_bytes(data: bytes, proto_dtype: int, count: int, field: str) -> 
 # ----------------------------------------------------------------------------- vector payloads
 
 
-def part_to_proto(part: VectorPayload) -> ProtoPart:
+def fill_part(proto: ProtoPart, part: VectorPayload) -> None:
+    """Write `part` into `proto` in place (building nested messages by constructor copies
+    every bulk field once more: 0.5 s for a dense d = 1e7 vector)."""
     if isinstance(part, DenseVector):
-        return ProtoPart(
-            dense=ProtoDenseVector(dtype=_DTYPE_TO_PROTO[part.dtype], values=values_to_bytes(part.values, part.dtype))
-        )
-    if isinstance(part, SparseVector):
+        proto.dense.dtype = _DTYPE_TO_PROTO[part.dtype]
+        proto.dense.values = values_to_bytes(part.values, part.dtype)
+    elif isinstance(part, SparseVector):
         coding, packed, _ = bitpack.encode_indices(part.indices, part.size)
-        return ProtoPart(
-            sparse=ProtoSparseVector(
-                count=int(part.indices.size),
-                index_coding=int(coding),
-                indices=packed,
-                dtype=_DTYPE_TO_PROTO[part.dtype],
-                values=values_to_bytes(part.values, part.dtype),
-            )
-        )
-    if isinstance(part, SeededSparseVector):
-        return ProtoPart(
-            seeded=ProtoSeededSparseVector(
-                rule=int(part.rule),
-                seed=part.seed,
-                count=int(part.values.size),
-                block=part.block,
-                blocks=part.blocks,
-                dtype=_DTYPE_TO_PROTO[part.dtype],
-                values=values_to_bytes(part.values, part.dtype),
-            )
-        )
-    if isinstance(part, QuantizedVector):
-        return ProtoPart(
-            quantized=ProtoQuantizedVector(
-                grid=int(part.grid),
-                levels=part.levels,
-                scale=part.scale,
-                offset=part.offset,
-                signed=part.negative is not None,
-                signs=bitpack.pack_bits(part.negative) if part.negative is not None else b"",
-                level_bits=part.level_bits,
-                level_codes=bitpack.pack_uints(part.level_codes, part.level_bits),
-                seed=part.seed,
-            )
-        )
-    if isinstance(part, SignVector):
-        return ProtoPart(
-            sign=ProtoSignVector(
-                scale=part.scale,
-                signs=bitpack.pack_bits(part.negative),
-                rotation_seed=part.rotation_seed,
-                rotated=part.rotated,
-            )
-        )
-    raise TypeError(f"no wire form for {type(part).__name__}")
+        sparse = proto.sparse
+        sparse.count = int(part.indices.size)
+        sparse.index_coding = int(coding)
+        sparse.indices = packed
+        sparse.dtype = _DTYPE_TO_PROTO[part.dtype]
+        sparse.values = values_to_bytes(part.values, part.dtype)
+    elif isinstance(part, SeededSparseVector):
+        seeded = proto.seeded
+        seeded.rule = int(part.rule)
+        seeded.seed = part.seed
+        seeded.count = int(part.values.size)
+        seeded.block = part.block
+        seeded.blocks = part.blocks
+        seeded.dtype = _DTYPE_TO_PROTO[part.dtype]
+        seeded.values = values_to_bytes(part.values, part.dtype)
+    elif isinstance(part, QuantizedVector):
+        q = proto.quantized
+        q.grid = int(part.grid)
+        q.levels = part.levels
+        q.scale = part.scale
+        q.offset = part.offset
+        q.signed = part.negative is not None
+        if part.negative is not None:
+            q.signs = bitpack.pack_bits(part.negative)
+        q.level_bits = part.level_bits
+        q.level_codes = bitpack.pack_uints(part.level_codes, part.level_bits)
+        q.seed = part.seed
+    elif isinstance(part, SignVector):
+        sign = proto.sign
+        sign.scale = part.scale
+        sign.signs = bitpack.pack_bits(part.negative)
+        sign.rotation_seed = part.rotation_seed
+        sign.rotated = part.rotated
+    else:
+        raise TypeError(f"no wire form for {type(part).__name__}")
+
+
+def part_to_proto(part: VectorPayload) -> ProtoPart:
+    proto = ProtoPart()
+    fill_part(proto, part)
+    return proto
 
 
 _R = TypeVar("_R")
@@ -226,14 +218,19 @@ def part_from_proto(proto: ProtoPart, d: int, field: str = "part") -> VectorPayl
 # ----------------------------------------------------------------------------- round messages
 
 
+def fill_update(proto: ProtoUpdate, t: int, worker_id: int, message: Message) -> ProtoUpdate:
+    """Write round t's message into `proto` (e.g. `envelope.update`) in place; returns it."""
+    proto.round = t
+    proto.worker_id = worker_id
+    proto.mode = int(message.mode)
+    proto.flag_bits = message.flag_bits
+    for part in message.parts:
+        fill_part(proto.parts.add(), part)
+    return proto
+
+
 def message_to_proto(t: int, worker_id: int, message: Message) -> ProtoUpdate:
-    return ProtoUpdate(
-        round=t,
-        worker_id=worker_id,
-        mode=int(message.mode),
-        parts=[part_to_proto(p) for p in message.parts],
-        flag_bits=message.flag_bits,
-    )
+    return fill_update(ProtoUpdate(), t, worker_id, message)
 
 
 MAX_PARTS = 4  # the largest composition (3PCv3 over 3PCv2) sends three parts
@@ -255,9 +252,17 @@ def message_from_proto(proto: ProtoUpdate, d: int, t: int, worker_id: int) -> Me
     return Message(Mode(proto.mode), parts, proto.flag_bits)
 
 
-def iterate_to_proto(t: int, x: np.ndarray) -> ProtoRound:
+def fill_round(proto: ProtoRound, t: int, x: np.ndarray) -> ProtoRound:
+    """Write x^t into `proto` (e.g. `envelope.round`) in place; returns it."""
     dtype = x.dtype.name
-    return ProtoRound(round=t, dtype=_DTYPE_TO_PROTO[dtype], iterate=values_to_bytes(x, dtype))
+    proto.round = t
+    proto.dtype = _DTYPE_TO_PROTO[dtype]
+    proto.iterate = values_to_bytes(x, dtype)
+    return proto
+
+
+def iterate_to_proto(t: int, x: np.ndarray) -> ProtoRound:
+    return fill_round(ProtoRound(), t, x)
 
 
 def iterate_from_proto(proto: ProtoRound, d: int) -> np.ndarray:
