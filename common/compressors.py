@@ -3,7 +3,9 @@
 ALGORITHMS.md section 1. A contractive compressor C meets E||C(x) - x||^2 <= (1 - alpha)||x||^2;
 an unbiased Q meets E Q(x) = x and E||Q(x) - x||^2 <= omega ||x||^2; an absolute one meets
 ||C(x) - x||^2 <= Delta^2. Every payload's values are already in the wire dtype, so the value a
-worker keeps equals the value the coordinator decodes.
+worker keeps equals the value the coordinator decodes. Norms, scales and ranges are metered as
+32-bit figures (payloads.SCALE_BITS), so they are rounded to float32 here (rounded up where a
+norm bounds the entries, so that every level stays in range and the rounding stays unbiased).
 
 A compressor is a NamedTuple of a pure function and its constants (as functions of d), built by
 a factory registered in `COMPRESSORS` under its config name. `compress(x, r)` draws private
@@ -14,13 +16,13 @@ randomness from `r.rng` and randomness shared by all workers of the round from `
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from threepc.common import hadamard
 from threepc.common.errors import ConfigError
-from threepc.common.randomness import Randomness
 from threepc.common.payloads import (
     SCALE_BITS,
     DenseVector,
@@ -37,6 +39,7 @@ from threepc.common.payloads import (
     to_wire_dtype,
     value_bits,
 )
+from threepc.common.randomness import Randomness
 
 CompressFn = Callable[[np.ndarray, Randomness], VectorPayload]
 ConstantFn = Callable[[int], float]
@@ -372,7 +375,7 @@ def drive(unbiased: bool = False, dtype: str = "float32") -> Compressor:
             scale = _f32(l1 / rx.size)
         return SignVector(scale, _frozen(rx < 0), seed, True)
 
-    density = lambda d: _fraction(SCALE_BITS + hadamard.padded_size(d), d, dtype)  # noqa: E731
+    density = lambda d: _fraction(SCALE_BITS + hadamard.padded_size(d), d, dtype)
     if unbiased:
         return Compressor(
             "drive(unbiased=True)",
@@ -382,7 +385,11 @@ def drive(unbiased: bool = False, dtype: str = "float32") -> Compressor:
             deterministic=False,
         )
     return Compressor(
-        "drive", compress, alpha=lambda d: 1 / hadamard.padded_size(d), density=density, deterministic=False
+        "drive",
+        compress,
+        alpha=lambda d: 1 / hadamard.padded_size(d),
+        density=density,
+        deterministic=False,
     )
 
 
@@ -406,7 +413,9 @@ def perm_k(dtype: str = "float32") -> Compressor:
         seed = _seed_from(r.shared(_PERM_K_TAG))
         idx, scale = perm_k_block(d, seed, r.worker_id, r.n_workers)
         values = to_wire_dtype(x[idx] * scale, dtype)
-        return SeededSparseVector(IndexRule.PERM_K, seed, _frozen(values), r.worker_id, r.n_workers, dtype)
+        return SeededSparseVector(
+            IndexRule.PERM_K, seed, _frozen(values), r.worker_id, r.n_workers, dtype
+        )
 
     return Compressor(
         "perm_k",
@@ -423,15 +432,21 @@ def _range_quantized(v: np.ndarray, u: np.ndarray, levels: int) -> QuantizedVect
     by 1{u < frac}: unbiased when u ~ U[0, 1). The range travels as two float32 (l rounded
     down, r - l up) so that v stays inside it."""
     if v.size == 0:
-        return QuantizedVector(Grid.RANGE, levels, 0.0, _frozen(np.zeros(0, np.uint32)), _level_bits(levels))
+        return QuantizedVector(
+            Grid.RANGE, levels, 0.0, _frozen(np.zeros(0, np.uint32)), _level_bits(levels)
+        )
     low = _f32_down(float(v.min()))
     width = _f32_up(float(v.max()) - low)
     t = np.clip((v - low) / width * (levels - 1), 0, levels - 1) if width > 0 else np.zeros(v.size)
     codes = _stochastic_levels(t, u, levels - 1)
-    return QuantizedVector(Grid.RANGE, levels, width, _frozen(codes), _level_bits(levels), None, low)
+    return QuantizedVector(
+        Grid.RANGE, levels, width, _frozen(codes), _level_bits(levels), None, low
+    )
 
 
-def _stratified_uniforms(r: Randomness, tags: tuple[int, ...], row: int, rows: int, size: int) -> np.ndarray:
+def _stratified_uniforms(
+    r: Randomness, tags: tuple[int, ...], row: int, rows: int, size: int
+) -> np.ndarray:
     """CQ's U_j = pi_j(row)/rows + gamma_j (Suresh et al. 2022): pi_j a uniformly random
     permutation of the `rows` workers, one per coordinate, shared (the rank of the row's key
     among `rows` shared keys, ties broken by row), gamma_j ~ U[0, 1/rows) private."""
@@ -529,7 +544,9 @@ def perm_k_cq(blocks: int = 2, levels: int = 2, dtype: str = "float32") -> Compr
         g = int(np.searchsorted(bounds, position, side="right")) - 1
         members = int(bounds[g + 1] - bounds[g])
         idx, _ = perm_k_block(d, seed, g, groups)
-        u = _stratified_uniforms(r, (_PERM_K_CQ_TAG, g + 1), position - int(bounds[g]), members, idx.size)
+        u = _stratified_uniforms(
+            r, (_PERM_K_CQ_TAG, g + 1), position - int(bounds[g]), members, idx.size
+        )
         quantized = _range_quantized(x[idx] * (n / members), u, levels)
         return SeededQuantizedVector(IndexRule.PERM_K, seed, g, groups, quantized)
 
@@ -539,7 +556,9 @@ def perm_k_cq(blocks: int = 2, levels: int = 2, dtype: str = "float32") -> Compr
         density=lambda d: _fraction(2 * SCALE_BITS + d * _level_bits(levels), d, dtype),
         deterministic=False,
         density_n=lambda d, n: _fraction(
-            2 * SCALE_BITS + math.ceil(d / max(1, min(blocks, n, d))) * _level_bits(levels), d, dtype
+            2 * SCALE_BITS + math.ceil(d / max(1, min(blocks, n, d))) * _level_bits(levels),
+            d,
+            dtype,
         ),
     )
 
@@ -607,7 +626,9 @@ def make_compressor(name: str, params: dict[str, object], dtype: str) -> Compres
     return _build(COMPRESSORS, "compressor", name, {**params, "dtype": dtype})
 
 
-def _build(registry: dict[str, Callable[..., Compressor]], what: str, name: str, params: dict) -> Compressor:
+def _build(
+    registry: dict[str, Callable[..., Compressor]], what: str, name: str, params: dict
+) -> Compressor:
     import inspect
 
     factory = registry.get(name)

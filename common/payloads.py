@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 import numpy.typing as npt
@@ -100,7 +99,9 @@ def perm_k_block(d: int, seed: int, block: int, blocks: int) -> tuple[IndexArray
     return _readonly(np.array([coordinate[slot]], dtype=np.int64)), blocks / holders
 
 
-def seeded_indices(rule: IndexRule, d: int, seed: int, k: int, block: int, blocks: int) -> IndexArray:
+def seeded_indices(
+    rule: IndexRule, d: int, seed: int, k: int, block: int, blocks: int
+) -> IndexArray:
     """The sorted coordinates of a seeded sparse payload, drawn identically on both ends."""
     if rule is IndexRule.RAND_K:
         rng = np.random.default_rng(seed)
@@ -160,7 +161,9 @@ class SeededSparseVector:
     dtype: str = "float32"
 
     def indices(self, d: int) -> IndexArray:
-        return seeded_indices(self.rule, d, self.seed, int(self.values.size), self.block, self.blocks)
+        return seeded_indices(
+            self.rule, d, self.seed, int(self.values.size), self.block, self.blocks
+        )
 
     def dense(self, d: int) -> np.ndarray:
         out = np.zeros(d)
@@ -284,9 +287,14 @@ class SeededQuantizedVector:
         return self.bits()
 
 
-VectorPayload = Union[
-    DenseVector, SparseVector, SeededSparseVector, QuantizedVector, SignVector, SeededQuantizedVector
-]
+VectorPayload = (
+    DenseVector
+    | SparseVector
+    | SeededSparseVector
+    | QuantizedVector
+    | SignVector
+    | SeededQuantizedVector
+)
 
 
 class Mode(enum.IntEnum):

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from threepc.common import codec, hadamard
 from threepc.common.bitpack import index_bits
 from threepc.common.compressors import COMPRESSORS, Compressor, make_compressor
-from threepc.common.errors import ConfigError
+from threepc.common.errors import ConfigError, DecodeError
 from threepc.common.payloads import (
     DenseVector,
     Grid,
@@ -39,7 +39,9 @@ from threepc.common.payloads import (
 )
 from threepc.common.randomness import round_randomness
 
-MC = settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+MC = settings(
+    max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 DRAWS = 300
 Z = 6.0
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -77,7 +79,9 @@ def vectors(draw: st.DrawFn, max_d: int = 24) -> np.ndarray:
 def _draws(c: Compressor, x: np.ndarray, n: int = 1, worker: int = 0, seed: int = 0) -> np.ndarray:
     """DRAWS decoded outputs of worker `worker` of n, one per round (fresh randomness each)."""
     d = x.size
-    return np.array([c.compress(x, round_randomness(seed, t, worker, n)).dense(d) for t in range(DRAWS)])
+    return np.array(
+        [c.compress(x, round_randomness(seed, t, worker, n)).dense(d) for t in range(DRAWS)]
+    )
 
 
 def _sq_errors(outputs: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -89,13 +93,20 @@ def _mean_bound(samples: np.ndarray) -> float:
     return Z * float(np.std(samples)) / math.sqrt(samples.size)
 
 
-def _assert_unbiased(outputs: np.ndarray, x: np.ndarray) -> None:
-    """|mean_j - x_j| within Z standard errors per coordinate (exact where no draw varies)."""
+def _assert_unbiased(outputs: np.ndarray, x: np.ndarray, var_floor: float) -> None:
+    """|mean_j - x_j| within Z standard errors per coordinate.
+
+    The standard error uses the sample variance plus `var_floor`, a per-coordinate share of the
+    declared variance (omega ||x||^2 / d): a rare rounding (x_j just above a level) may not
+    occur in DRAWS draws, and then the sample variance alone would claim a bias.
+    """
     mean = outputs.mean(axis=0)
-    se = outputs.std(axis=0) / math.sqrt(outputs.shape[0])
+    se = np.sqrt((outputs.var(axis=0) + var_floor) / outputs.shape[0])
     slack = 1e-6 * float(np.max(np.abs(x)))  # float32 ranges and norms: ~6e-8 relative
     bad = np.abs(mean - x) > Z * se + slack
-    assert not bad.any(), f"biased at {np.flatnonzero(bad)}: mean {mean[bad]} vs x {x[bad]}, se {se[bad]}"
+    assert not bad.any(), (
+        f"biased at {np.flatnonzero(bad)}: mean {mean[bad]} vs x {x[bad]}, se {se[bad]}"
+    )
 
 
 # ----------------------------------------------------------------------------- the catalogue
@@ -138,7 +149,9 @@ CORRELATED: list[tuple[str, dict[str, Any]]] = [
 
 def _id(case: tuple[str, dict[str, Any]]) -> str:
     name, params = case
-    return name + "".join(f"-{k}={v['name'] if isinstance(v, dict) else v}" for k, v in params.items())
+    return name + "".join(
+        f"-{k}={v['name'] if isinstance(v, dict) else v}" for k, v in params.items()
+    )
 
 
 def test_registry_has_every_compressor() -> None:
@@ -169,23 +182,26 @@ def test_contractive(case: tuple[str, dict[str, Any]], x: np.ndarray) -> None:
 
 @pytest.mark.parametrize("case", UNBIASED, ids=_id)
 @MC
-@given(x=vectors())
+@given(x=vectors(max_d=16))
 def test_unbiased(case: tuple[str, dict[str, Any]], x: np.ndarray) -> None:
     """E Q(x) = x and E||Q(x) - x||^2 <= omega ||x||^2."""
     c = make_compressor(*case, "float64")
     assert c.omega is not None
     outputs = _draws(c, x)
-    _assert_unbiased(outputs, x)
+    _assert_unbiased(outputs, x, c.omega(x.size) * float(x @ x) / x.size)
     errors = _sq_errors(outputs, x)
-    assert errors.mean() <= c.omega(x.size) * float(x @ x) * (1 + 1e-6) + _mean_bound(errors) + 1e-300
+    assert (
+        errors.mean() <= c.omega(x.size) * float(x @ x) * (1 + 1e-6) + _mean_bound(errors) + 1e-300
+    )
 
 
 def test_unbiasedness_check_has_power() -> None:
     """The check above rejects the biased RandK (k/d of x's mass is missing in expectation)."""
     c = make_compressor("rand_k", {"k": 2, "unbiased": False}, "float64")
     x = _frozen(np.random.default_rng(3).normal(size=10))
+    omega = 10 / 2 - 1  # the unbiased RandK's
     with pytest.raises(AssertionError, match="biased"):
-        _assert_unbiased(_draws(c, x), x)
+        _assert_unbiased(_draws(c, x), x, omega * float(x @ x) / x.size)
 
 
 @pytest.mark.parametrize("case", ABSOLUTE, ids=_id)
@@ -209,7 +225,10 @@ def test_correlated_unbiased_per_worker(
     """Each worker's output is unbiased over the round's shared and private randomness."""
     worker = data.draw(st.integers(0, n - 1))
     c = make_compressor(*case, "float64")
-    _assert_unbiased(_draws(c, x, n, worker), x)
+    # Per worker: PermK's omega is n - 1, CQ's is IQ's d/2, a block scaled by B <= n and then
+    # quantized has at most (B - 1) + B d/2.
+    omega = {"perm_k": n, "cq": x.size / 2}.get(case[0], n + n * x.size / 2)
+    _assert_unbiased(_draws(c, x, n, worker), x, omega * float(x @ x) / x.size)
 
 
 # ----------------------------------------------------------------------------- PermK and CQ
@@ -257,7 +276,16 @@ def test_perm_k_ab_inequality(data: st.DataObject) -> None:
     abar = a.mean(axis=0)
     errors = np.array(
         [
-            np.sum((np.mean([c.compress(a[i], round_randomness(1, t, i, n)).dense(d) for i in range(n)], axis=0) - abar) ** 2)
+            np.sum(
+                (
+                    np.mean(
+                        [c.compress(a[i], round_randomness(1, t, i, n)).dense(d) for i in range(n)],
+                        axis=0,
+                    )
+                    - abar
+                )
+                ** 2
+            )
             for t in range(200)
         ]
     )
@@ -269,7 +297,9 @@ def _mean_mse(c: Compressor, x: np.ndarray, n: int, rounds: int) -> float:
     d = x.size
     errs = []
     for t in range(rounds):
-        mean = np.mean([c.compress(x, round_randomness(5, t, i, n)).dense(d) for i in range(n)], axis=0)
+        mean = np.mean(
+            [c.compress(x, round_randomness(5, t, i, n)).dense(d) for i in range(n)], axis=0
+        )
         errs.append(np.sum((mean - x) ** 2))
     return float(np.mean(errs))
 
@@ -292,7 +322,9 @@ def test_perm_k_cq_is_cq_for_one_block_and_groups_workers() -> None:
     assert 0.5 < one / cq < 2
     c = make_compressor("perm_k_cq", {"blocks": 4}, "float64")
     payloads = [c.compress(x, round_randomness(0, 0, i, n)) for i in range(n)]
-    assert all(isinstance(p, SeededQuantizedVector) and p.indices(d).size == d // 4 for p in payloads)
+    assert all(
+        isinstance(p, SeededQuantizedVector) and p.indices(d).size == d // 4 for p in payloads
+    )
     blocks = {p.block for p in payloads}  # type: ignore[union-attr]
     assert blocks == {0, 1, 2, 3}
 
@@ -304,7 +336,9 @@ def test_perm_k_cq_is_cq_for_one_block_and_groups_workers() -> None:
 @given(x=vectors(), s=st.integers(1, 6))
 def test_natural_dithering_levels(x: np.ndarray, s: int) -> None:
     """|Q(x)_j| / ||x|| is 0 or a power of two in [2^(1-s), 1], and neighbours |x_j|/||x||."""
-    p = make_compressor("natural_dithering", {"s": s}, "float64").compress(x, round_randomness(0, 0, 0, 1))
+    p = make_compressor("natural_dithering", {"s": s}, "float64").compress(
+        x, round_randomness(0, 0, 0, 1)
+    )
     assert isinstance(p, QuantizedVector) and p.grid is Grid.NATURAL and p.levels == s
     norm = float(np.linalg.norm(x))
     if norm == 0:
@@ -322,7 +356,9 @@ def test_natural_dithering_levels(x: np.ndarray, s: int) -> None:
 @MC
 @given(x=vectors())
 def test_natural_compression_rounds_to_neighbouring_powers_of_two(x: np.ndarray) -> None:
-    p = make_compressor("natural_compression", {}, "float64").compress(x, round_randomness(0, 0, 0, 1))
+    p = make_compressor("natural_compression", {}, "float64").compress(
+        x, round_randomness(0, 0, 0, 1)
+    )
     y = p.dense(x.size)
     nonzero = x != 0
     assert np.all(y[~nonzero] == 0)
@@ -345,7 +381,10 @@ def test_drive_scales(x: np.ndarray) -> None:
     assert isinstance(b, SignVector)
     rx = hadamard.rotation(x, b.rotation_seed, d)
     assert math.isclose(b.scale, float(np.abs(rx).sum()) / rx.size, rel_tol=1e-7)
-    assert float(np.sum((b.dense(d) - x) ** 2)) <= sq - float(np.abs(rx).sum()) ** 2 / rx.size + 1e-6 * sq
+    assert (
+        float(np.sum((b.dense(d) - x) ** 2))
+        <= sq - float(np.abs(rx).sum()) ** 2 / rx.size + 1e-6 * sq
+    )
 
 
 @pytest.mark.parametrize("d", [1, 2, 3, 8, 100, 1024])
@@ -355,7 +394,9 @@ def test_hadamard_rotation(d: int) -> None:
     y = hadamard.rotation(x, 5, d)
     assert y.size == hadamard.padded_size(d) >= d
     assert math.isclose(float(y @ y), float(x @ x), rel_tol=1e-12)
-    np.testing.assert_allclose(hadamard.inverse_rotation(y, 5, d), x, rtol=0, atol=1e-12 * np.abs(x).max())
+    np.testing.assert_allclose(
+        hadamard.inverse_rotation(y, 5, d), x, rtol=0, atol=1e-12 * np.abs(x).max()
+    )
     n = hadamard.padded_size(d)
     v = np.random.default_rng(0).normal(size=n)
     np.testing.assert_allclose(hadamard.fwht(v), scipy.linalg.hadamard(n) @ v, atol=1e-9)
@@ -412,7 +453,9 @@ def test_bernoulli_constants_and_flag() -> None:
     assert c.flag_bits == 1 and not c.deterministic
     q = make_compressor("bernoulli", {"p": 0.25, "inner": {"name": "qsgd", "s": 2}}, "float32")
     assert q.omega is not None and math.isclose(q.omega(16), 0.75 * min(16 / 4, 4 / 2))
-    kinds = {type(c.compress(np.ones(10), round_randomness(0, t, 0, 1))).__name__ for t in range(40)}
+    kinds = {
+        type(c.compress(np.ones(10), round_randomness(0, t, 0, 1))).__name__ for t in range(40)
+    }
     assert kinds == {"DenseVector", "SparseVector"}
 
 
@@ -487,36 +530,45 @@ def test_bits_match_the_formula(case: tuple[str, dict[str, Any]], dtype: str, d:
         if isinstance(p, SeededSparseVector) and name == "perm_k":
             total += p.values.size
     if name == "perm_k":  # the n blocks together send d values (n = 3 <= d) or n (n > d)
-        assert total == (d if d >= 3 else 3)
+        assert total == max(d, 3)
 
 
-def _round_trip_marks(name: str, params: dict[str, Any], d: int, n: int) -> list[Any]:
+def _known_gap(name: str, d: int, n: int) -> str | None:
+    """Cases the codec could not carry when these tests were written, and why."""
     if name == "perm_k_cq":
-        return [pytest.mark.xfail(strict=True, raises=TypeError, reason="codec: no wire form for SeededQuantizedVector yet")]
-    if name == "drive" and d != hadamard.padded_size(d):
-        return [pytest.mark.xfail(strict=True, reason="codec: unpacks d signs, DRIVE sends d' = 2^ceil(log2 d)")]
+        return "codec: no wire form for SeededQuantizedVector"
     if name == "perm_k" and n > d:
-        return [pytest.mark.xfail(strict=True, reason="codec: refuses PermK blocks > d")]
-    return []
+        return "codec: refused PermK blocks > d"
+    return None
 
 
-ROUND_TRIP = [
-    pytest.param(case, d, n, marks=_round_trip_marks(case[0], case[1], d, n), id=f"{_id(case)}-d{d}-n{n}")
-    for case in WIRE_CASES
-    for d, n in [(64, 3), (37, 3), (2, 5)]
-]
+ROUND_TRIP = [(case, d, n) for case in WIRE_CASES for d, n in [(64, 3), (37, 3), (2, 5)]]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("case", "d", "n"), ROUND_TRIP)
-def test_round_trip_through_the_codec(case: tuple[str, dict[str, Any]], d: int, n: int, dtype: str) -> None:
-    """part_from_proto(part_to_proto(p), d).dense(d) equals p.dense(d) bit for bit."""
+@pytest.mark.parametrize(
+    ("case", "d", "n"), ROUND_TRIP, ids=[f"{_id(c)}-d{d}-n{n}" for c, d, n in ROUND_TRIP]
+)
+def test_round_trip_through_the_codec(
+    case: tuple[str, dict[str, Any]], d: int, n: int, dtype: str
+) -> None:
+    """part_from_proto(part_to_proto(p), d).dense(d) equals p.dense(d) bit for bit.
+
+    A known codec gap (`_known_gap`) xfails only with the error it used to raise; once the codec
+    carries the case, the same test checks it bit for bit.
+    """
     c = make_compressor(*case, dtype)
     rng = np.random.default_rng(d * n)
+    gap = _known_gap(case[0], d, n)
     for t in range(4):
         x = _frozen(rng.normal(size=d) * 10.0 ** rng.integers(-2, 3))
         p = c.compress(x, round_randomness(3, t, n - 1, n))
-        back = codec.part_from_proto(codec.part_to_proto(p), d)
+        try:
+            back = codec.part_from_proto(codec.part_to_proto(p), d)
+        except (TypeError, DecodeError) as err:
+            if gap is None:
+                raise
+            pytest.xfail(f"{gap} ({type(err).__name__}: {err})")
         assert type(back) is type(p)
         assert back.dense(d).tobytes() == p.dense(d).tobytes()
         assert back.bits() == p.bits()
