@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import sys
@@ -177,40 +178,76 @@ def _report(summary: dict, out: str) -> None:
             f"bits/worker {final['bits_up_per_worker']:.6g}"
         )
     if final and final.get("wire_bytes_up") is not None:
-        agree = all(w.get("meters_agree") for w in summary.get("per_worker", []))
-        click.echo(
-            f"wire bytes up {final['wire_bytes_up']:,}, down {final['wire_bytes_down']:,}; "
-            f"coordinator and worker meters {'agree' if agree else 'DISAGREE'}"
-        )
+        workers = summary.get("per_worker", [])
+        if workers and all("meters_agree" in w for w in workers):
+            verdict = "agree" if all(w["meters_agree"] for w in workers) else "DISAGREE"
+            check = f"; coordinator and worker meters {verdict}"
+        else:
+            check = " (as the coordinator metered them)"
+        click.echo(f"wire bytes up {final['wire_bytes_up']:,}, down {final['wire_bytes_down']:,}{check}")
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.argument("config_file", type=click.Path(dir_okay=False), required=False)
 @click.option("--listen", default="0.0.0.0:50051", show_default=True, envvar="THREEPC_LISTEN",
               help="Address:port to serve on (or THREEPC_LISTEN).")
-@click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/latest", show_default=True,
-              help="Folder for metrics.jsonl and summary.json.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Folder for metrics.jsonl, summary.json and checkpoint.npz [default: runs/latest, "
+                   "or DIR with --resume].")
+@click.option("--resume", type=click.Path(file_okay=False, exists=True), default=None, metavar="DIR",
+              help="Continue the run whose checkpoint.npz is in DIR (CONFIG_FILE, if given, must match it).")
 @click.option("--token", envvar="THREEPC_TOKEN", default="", help="Join token workers must present (or THREEPC_TOKEN).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), envvar="THREEPC_TLS_CERT",
+              help="Serve TLS with this certificate chain (PEM; or THREEPC_TLS_CERT); needs --tls-key.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), envvar="THREEPC_TLS_KEY",
+              help="Private key of --tls-cert (PEM; or THREEPC_TLS_KEY).")
 @click.option("--dashboard", default="127.0.0.1:8080", show_default=True, envvar="THREEPC_DASHBOARD",
               help="Address:port of the live dashboard and /metrics (or THREEPC_DASHBOARD).")
 @click.option("--no-dashboard", is_flag=True, help="Serve no dashboard.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @config_options
 def serve(
-    config_file: str, listen: str, out: str, token: str, dashboard: str, no_dashboard: bool, quiet: bool,
+    config_file: str | None, listen: str, out: str | None, resume: str | None, token: str,
+    tls_cert: str | None, tls_key: str | None, dashboard: str, no_dashboard: bool, quiet: bool,
     workers: int | None, rounds: int | None, seed: int | None,
 ) -> None:
     """Run the coordinator of CONFIG_FILE alone; workers join with `threepc worker`.
 
     The rounds start once every one of the config's n workers has joined and is ready.
+    It writes OUT/checkpoint.npz every `checkpoint_every` rounds and on SIGTERM (then exits
+    with code 143); `threepc serve --resume OUT` continues the run, and the workers rejoin.
     """
     from threepc.common.engine import plan
+    from threepc.common.errors import ConfigError
+    from threepc.server import checkpoint
     from threepc.server.launch import coordinator_summary, serve as serve_run
     from threepc.server.runlog import RunLog
 
-    config = config_mod.load(config_file, _overrides(workers, rounds, seed))
+    resumed = None
+    if resume is not None:
+        saved = checkpoint.load(Path(resume))
+        config = config_mod.parse({**json.loads(saved.config_json), **_overrides(workers, rounds, seed)},
+                                  f"{resume}/{checkpoint.CHECKPOINT}")
+        if config_file is not None and config_mod.load(config_file, _overrides(workers, rounds, seed)) != config:
+            raise ConfigError(f"{config_file} differs from the config of the run in {resume}; give --resume alone")
+        out = out or resume
+        resumed = (saved, checkpoint.resume_rows(Path(resume) / "metrics.jsonl", saved.round))
+    elif config_file is None:
+        raise ConfigError("serve needs CONFIG_FILE, or --resume DIR to continue a run")
+    else:
+        config = config_mod.load(config_file, _overrides(workers, rounds, seed))
+    out = out or "runs/latest"
+    credentials = None
+    if tls_cert or tls_key:
+        if not (tls_cert and tls_key):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        from threepc.server.tls import server_credentials
+
+        credentials = server_credentials(tls_cert, tls_key)
     the_plan = plan(config)
     log = RunLog(out)
+    for row in resumed[1] if resumed else []:
+        log.write_row(row)  # the rows before the checkpoint; later ones are dropped
     progress = Progress(config.rounds, quiet)
 
     def on_round(row: dict) -> None:
@@ -218,13 +255,20 @@ def serve(
         progress.update(row)
 
     def on_listening(port: int) -> None:
-        click.echo(f"coordinator listening on port {port}; waiting for {config.workers} workers", err=True)
+        at = f" from round {resumed[0].round}" if resumed else ""
+        click.echo(f"coordinator listening on port {port}; waiting for {config.workers} workers{at}", err=True)
 
     started = time.perf_counter()
     try:
         coordinator = asyncio.run(
-            serve_run(the_plan, listen, on_round, on_listening, token, None if no_dashboard else dashboard, _announce)
+            serve_run(the_plan, listen, on_round, on_listening, token, None if no_dashboard else dashboard, _announce,
+                      out_dir=Path(out), resume=resumed, credentials=credentials)
         )
+    except checkpoint.Stopped as stop:
+        progress.stop()
+        click.echo(f"threepc: stopped at round {stop.round}; checkpoint in {stop.path}; "
+                   f"continue with: threepc serve --resume {out}", err=True)
+        sys.exit(143)
     finally:
         progress.stop()
     summary = _summary("distributed", the_plan, coordinator.rows, started, coordinator_summary(coordinator))
@@ -240,12 +284,29 @@ def serve(
 @click.option("--token", envvar="THREEPC_TOKEN", default="", help="Join token (or THREEPC_TOKEN).")
 @click.option("--connect-timeout", type=float, default=60.0, show_default=True,
               help="Seconds to keep retrying while the coordinator is not up.")
+@click.option("--reconnect-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to keep trying to rejoin after the stream breaks mid-run.")
+@click.option("--tls-ca", type=click.Path(dir_okay=False), envvar="THREEPC_TLS_CA",
+              help="Connect with TLS, trusting the CA in this PEM file (or THREEPC_TLS_CA); the host in "
+                   "--coordinator must be named in the coordinator's certificate.")
+@click.option("--throttle", type=float, default=0.0, hidden=True, envvar="THREEPC_THROTTLE",
+              help="Fault drills: wait this many seconds before each update (a straggler).")
+@click.option("--throttle-round", type=int, multiple=True, hidden=True,
+              help="Fault drills: throttle only in this round (repeatable).")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write this worker's meter (JSON) here at the end.")
-def worker(coordinator: str, data: str | None, worker_id: int, token: str, connect_timeout: float, report: str | None) -> None:
+def worker(
+    coordinator: str, data: str | None, worker_id: int, token: str, connect_timeout: float,
+    reconnect_timeout: float, tls_ca: str | None, throttle: float, throttle_round: tuple[int, ...],
+    report: str | None,
+) -> None:
     """Join the coordinator at HOST:PORT and train until the run is done."""
     from threepc.worker.client import WorkerOptions, run_worker
 
-    options = WorkerOptions(coordinator, worker_id, data, token, connect_timeout, Path(report) if report else None)
+    options = WorkerOptions(
+        coordinator, worker_id, data, token, connect_timeout, Path(report) if report else None,
+        reconnect_timeout_s=reconnect_timeout, tls_ca=Path(tls_ca) if tls_ca else None, throttle_s=throttle,
+        throttle_rounds=frozenset(throttle_round) if throttle_round else None,
+    )
     summary = asyncio.run(run_worker(options))
     click.echo(f"worker {summary['worker_id']}: {summary['rounds']} rounds done", err=True)
 

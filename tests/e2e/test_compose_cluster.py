@@ -57,8 +57,12 @@ class _UnixConnection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
         self.sock = sock
 
 
@@ -69,7 +73,9 @@ def _engine(method: str, path: str, timeout: float = 30) -> tuple[int, Any]:
     if host.scheme == "unix":
         conn = _UnixConnection(host.path, timeout)
     else:
-        conn = http.client.HTTPConnection(host.hostname or "localhost", host.port or 2375, timeout=timeout)
+        conn = http.client.HTTPConnection(
+            host.hostname or "localhost", host.port or 2375, timeout=timeout
+        )
     try:
         conn.request(method, path)
         response = conn.getresponse()
@@ -86,8 +92,10 @@ def _why_no_engine() -> str | None:
     if shutil.which("docker-compose") is None:
         return "docker-compose not on PATH (run shared/tools/container-engine up)"
     if "DOCKER_HOST" not in os.environ and not Path("/var/run/docker.sock").exists():
-        return "no container engine: DOCKER_HOST unset and no /var/run/docker.sock " \
+        return (
+            "no container engine: DOCKER_HOST unset and no /var/run/docker.sock "
             '(run shared/tools/container-engine up; eval "$(shared/tools/container-engine env)")'
+        )
     try:
         status, _ = _engine("GET", "/_ping", timeout=5)
     except OSError as err:
@@ -122,10 +130,16 @@ class Compose:
     def __init__(self, files: list[Path], env: dict[str, str]):
         self.files, self.env = files, env
 
-    def __call__(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    def __call__(
+        self, *args: str, timeout: float = 300, check: bool = True
+    ) -> subprocess.CompletedProcess:
         r = subprocess.run(
             ["docker-compose", *(f"-f{f}" for f in self.files), *args],
-            capture_output=True, text=True, timeout=timeout, env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            check=False,
         )
         if check:
             assert r.returncode == 0, f"docker-compose {' '.join(args)}:\n{r.stdout}\n{r.stderr}"
@@ -149,21 +163,79 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Compose, dict[str, Path]]]:
     constraints = tmp_path / "constraints.txt"
     freeze = subprocess.run(
         [sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
-    constraints.write_text("".join(line + "\n" for line in freeze.splitlines() if not line.lower().startswith("threepc")))
+    constraints.write_text(
+        "".join(
+            line + "\n" for line in freeze.splitlines() if not line.lower().startswith("threepc")
+        )
+    )
     r = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", str(ROOT), "-w", str(folder / "wheelhouse"), "-c", str(constraints)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            str(ROOT),
+            "-w",
+            str(folder / "wheelhouse"),
+            "-c",
+            str(constraints),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert r.returncode == 0, r.stderr
-    wheels = [p.name.lower() for p in (folder / "wheelhouse").iterdir()]
-    assert any(w.startswith("threepc-") for w in wheels)
-    assert not any(w.startswith("torch-") for w in wheels), "the image must not carry torch"
+    wheels = sorted((folder / "wheelhouse").iterdir())
+    (ours,) = [w for w in wheels if w.name.startswith("threepc-")]
+    assert not [w for w in wheels if w.name.lower().startswith("torch-")], (
+        "the image takes no torch"
+    )
 
-    paths = {"config": write_config(tmp_path / "run.toml", CONFIG), "out": tmp_path / "out", "data": tmp_path / "data"}
+    paths = {
+        "config": write_config(tmp_path / "run.toml", CONFIG),
+        "out": tmp_path / "out",
+        "data": tmp_path / "data",
+        "local": tmp_path / "local",
+    }
     paths["out"].mkdir()
     paths["data"].mkdir()
+    # The reference: the same config in-process on this host, run by the very wheel the image
+    # installs (ahead of the editable install on the path), so no edit of the tree can come between.
+    site = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(site),
+            str(ours),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    r = threepc(
+        "run",
+        str(paths["config"]),
+        "--out",
+        str(paths["local"]),
+        "--in-process",
+        "-q",
+        env={
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+        },
+    )
+    assert r.returncode == 0, r.stderr
     build_id = secrets.token_hex(6)
     env = {
         **os.environ,
@@ -182,7 +254,9 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Compose, dict[str, Path]]]:
     }
     # A label on every image the build makes, so that the build cache goes with the test.
     override = folder / "labels.yml"
-    override.write_text(f"services:\n  coordinator:\n    build:\n      labels:\n        threepc.e2e: '{build_id}'\n")
+    override.write_text(
+        f"services:\n  coordinator:\n    build:\n      labels:\n        threepc.e2e: '{build_id}'\n"
+    )
     compose = Compose([folder / "docker-compose.yml", override], env)
     try:
         yield compose, paths
@@ -193,7 +267,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Compose, dict[str, Path]]]:
 
 
 def test_compose_cluster_of_scaled_workers_equals_the_in_process_run(
-    cluster: tuple[Compose, dict[str, Path]], tmp_path: Path
+    cluster: tuple[Compose, dict[str, Path]],
 ) -> None:
     compose, paths = cluster
     started = time.monotonic()
@@ -209,9 +283,15 @@ def test_compose_cluster_of_scaled_workers_equals_the_in_process_run(
             with urllib.request.urlopen(url, timeout=5) as response:
                 state = json.loads(response.read())
         except OSError:
-            assert time.monotonic() < deadline, f"dashboard {url} did not answer:\n{compose('logs').stdout}"
+            assert time.monotonic() < deadline, (
+                f"dashboard {url} did not answer:\n{compose('logs').stdout}"
+            )
             time.sleep(1)
     assert state["workers_expected"] == WORKERS and state["started"] is False
+
+    # A worker without the cluster's token is turned away (and takes no worker id).
+    refused = compose("run", "--rm", "-T", "-e", "THREEPC_TOKEN=wrong", "worker", check=False)
+    assert refused.returncode != 0 and "token" in refused.stdout + refused.stderr, refused
 
     compose("up", "-d", "--no-recreate", "--scale", f"worker={WORKERS}")
     workers = compose.ids("worker")
@@ -232,9 +312,8 @@ def test_compose_cluster_of_scaled_workers_equals_the_in_process_run(
         assert w["bits"] > 0 and w["last_round"] == ROUNDS - 1
         assert w["meter"]["received_bytes"]["round"] > 0 and w["meter"]["sent_bytes"]["round"] > 0
 
-    local = tmp_path / "local"
-    r = threepc("run", str(paths["config"]), "--out", str(local), "--in-process", "-q")
-    assert r.returncode == 0, r.stderr
-    local_rows = read_rows(local)
+    local_rows = read_rows(paths["local"])
     assert [row["grad_norm_sq"] for row in rows] == [row["grad_norm_sq"] for row in local_rows]
-    assert [row["bits_up_per_worker"] for row in rows] == [row["bits_up_per_worker"] for row in local_rows]
+    assert [row["bits_up_per_worker"] for row in rows] == [
+        row["bits_up_per_worker"] for row in local_rows
+    ]
