@@ -353,9 +353,8 @@ def drive(unbiased: bool = False, dtype: str = "float32") -> Compressor:
     = (1 - ||R x||_1^2/(d' ||x||^2)) ||x||^2; `alpha(d)` = 1/d' is the worst case
     (||R x||_1 >= ||x||_2); typically ||R x||_1^2/(d' ||x||^2) is about 2/pi.
     Unbiased (Section 4): S = ||x||^2 / ||R x||_1, unbiased for a uniformly random rotation;
-    with the Hadamard rotation only approximately (the paper's note on RHT). Its error is
-    (d' ||x||^2 / ||R x||_1^2 - 1)||x||^2 <= (d' - 1)||x||^2: `omega(d)` = d' - 1, the worst case
-    (about pi/2 - 1 typically). ALGORITHMS.md calls ||x||^2/||Rx||_1 the biased scale; the
+    with the Hadamard rotation only approximately (the paper's note on RHT): measured biased here,
+    so this variant declares neither alpha nor omega. ALGORITHMS.md calls ||x||^2/||Rx||_1 the biased scale; the
     paper's (which we follow) is ||R x||_1 / d'.
 
     The rotation seed is the worker's own (drawn from r.rng) and travels in the payload.
@@ -377,13 +376,9 @@ def drive(unbiased: bool = False, dtype: str = "float32") -> Compressor:
 
     density = lambda d: _fraction(SCALE_BITS + hadamard.padded_size(d), d, dtype)
     if unbiased:
-        return Compressor(
-            "drive(unbiased=True)",
-            compress,
-            omega=lambda d: hadamard.padded_size(d) - 1.0,
-            density=density,
-            deterministic=False,
-        )
+        # Measured here: 7-12% relative bias on Gaussian inputs (d = 8..30) with the Hadamard
+        # rotation, so it claims no omega and methods that need an unbiased Q refuse it.
+        return Compressor("drive(unbiased=True)", compress, density=density, deterministic=False)
     return Compressor(
         "drive",
         compress,
