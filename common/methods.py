@@ -17,11 +17,13 @@ from threepc.common.errors import ConfigError
 
 
 class Smoothness(NamedTuple):
-    """L_- (smoothness of f), L_+ (sqrt(mean L_i^2)) and every L_i."""
+    """L_- (smoothness of f), L_+ (sqrt(mean L_i^2)), every L_i, and the Hessian variance L_pm
+    where the problem can compute it (else None; L_pm <= L_+ bounds it)."""
 
     L_minus: float
     L_plus: float
     L_i: tuple[float, ...]
+    L_pm: float | None = None
 
 
 def _sub_compressor(spec: Any, dtype: str, what: str) -> Compressor:
@@ -114,7 +116,9 @@ OTHER: dict[str, str] = {
 
 
 def _marina_p(config: RunConfig, c: Compressor, d: int) -> float:
-    p = float(config.method.params.get("p", c.density(d)))
+    """MARINA's p: given, or zeta_Q / d, the expected fraction of a dense message Q sends."""
+    default = c.density_n(d, config.workers) if c.density_n is not None else c.density(d)
+    p = float(config.method.params.get("p", default))
     if not 0 < p <= 1:
         raise ConfigError(f"marina: p must be in (0, 1], got {p}")
     return p
@@ -130,7 +134,8 @@ def build_method(config: RunConfig, d: int) -> m.Mechanism:
         if unknown:
             raise ConfigError(f"method {name!r}: unknown parameter(s) {', '.join(sorted(unknown))}")
         if name == "marina":
-            _omega(c, d)
+            if c.omega is None and c.ab is None:
+                raise ConfigError(f"marina: {c.name} is neither unbiased nor has AB-inequality constants")
             return m.marina(c, _marina_p(config, c, d), dtype)
         if not isinstance(config.stepsize, float):
             raise ConfigError("ef14: give an explicit stepsize (the paper states no closed form for it)")
@@ -148,10 +153,22 @@ def theory_stepsize(mechanism: m.Mechanism, d: int, smooth: Smoothness) -> float
 
 
 def marina_stepsize(config: RunConfig, d: int, smooth: Smoothness) -> float:
-    """gamma = 1 / (L_- + L_+ sqrt((1 - p) omega / (p n))) (MARINA, Theorem 2.1)."""
+    """MARINA's theory stepsize (ALGORITHMS.md section 3).
+
+    Independent unbiased Q: gamma = 1 / (L_- + L_+ sqrt((1 - p) omega / (p n))).
+    Correlated Q with the AB-inequality (PermK, ...):
+    gamma = 1 / (L_- + sqrt(((1 - p)/p) ((A - B) L_+^2 + B L_pm^2))), with L_pm <= L_+ where the
+    problem does not give it.
+    """
     c = make_compressor(config.compressor.name, config.compressor.params, config.wire.value_dtype)
-    p, omega = _marina_p(config, c, d), _omega(c, d)
-    return 1.0 / (smooth.L_minus + smooth.L_plus * math.sqrt((1 - p) * omega / (p * config.workers)))
+    p, n = _marina_p(config, c, d), config.workers
+    if c.omega is not None:
+        return 1.0 / (smooth.L_minus + smooth.L_plus * math.sqrt((1 - p) * c.omega(d) / (p * n)))
+    if c.ab is None:
+        raise ConfigError(f"marina: {c.name} is neither unbiased nor has AB-inequality constants")
+    a, b = c.ab(d, n)
+    l_pm = smooth.L_pm if smooth.L_pm is not None else smooth.L_plus
+    return 1.0 / (smooth.L_minus + math.sqrt((1 - p) / p * ((a - b) * smooth.L_plus**2 + b * l_pm**2)))
 
 
 def stepsize(config: RunConfig, mechanism: m.Mechanism, d: int, smooth: Smoothness) -> float:

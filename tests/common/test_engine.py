@@ -90,6 +90,8 @@ METHODS = [
     ({"method": {"name": "3pcv4", "c2": {"name": "top_k", "k": 2}}}, 1e-2),
     ({"method": {"name": "3pcv5", "p": 0.2}}, 1e-2),
     ({"method": "marina", "compressor": {"name": "rand_k", "k": 5}}, 1e-2),
+    ({"method": "marina", "compressor": "perm_k"}, 1e-2),  # AB-inequality stepsize
+    ({"method": {"name": "marina", "p": 0.3}, "compressor": {"name": "cq"}}, 1e-2),
     ({"method": "ef14", "stepsize": 0.5}, 1e-2),
 ]
 
