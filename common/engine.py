@@ -12,6 +12,7 @@ gRPC runtime (threepc.server, threepc.worker) drives the very same objects with 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from threepc.common.config import RunConfig
 from threepc.common.errors import ConfigError, DivergedError
 from threepc.common.mechanisms import Mechanism, WorkerState
 from threepc.common.methods import Smoothness, build_method, stepsize
-from threepc.common.payloads import Message
+from threepc.common.payloads import Message, Mode, SeededSparseVector, SparseVector
 from threepc.common.oracles import make_oracle
 from threepc.common.randomness import round_randomness
 from threepc.common.problems import Problem, make_problem
@@ -172,6 +173,11 @@ class Aggregator:
         self.state_dtype = np.dtype(plan.config.wire.iterate_dtype)
         self.x = plan.x0.copy()
         self.x_prev: np.ndarray | None = None
+        # Coordinates of g_sum this round's messages changed (None: any), and after finish_round
+        # the change to broadcast instead of x: (indices, new g_sum values), or None when x is
+        # not a function of g_sum alone that round (an absent worker dropped and rescaled).
+        self._touched: list[np.ndarray] | None = []
+        self.change: tuple[np.ndarray, np.ndarray] | None = None
         self.mirrors = np.zeros((self.n, self.d))
         self.g_sum = np.zeros(self.d)
         self.t = 0
@@ -192,9 +198,21 @@ class Aggregator:
             self.skips_round += 1
             return
         old = self.mirrors[worker_id]
+        indices = _sparse_delta_indices(message, self.d)
+        if indices is not None:
+            # In place, touching only the k coordinates the message changes: the same float64
+            # additions as message.apply(old) at those coordinates, so the mirror still equals
+            # the worker's h bit for bit (tested against the dense path).
+            new_values = old[indices] + np.asarray(message.parts[0].values, dtype=np.float64)
+            self.g_sum[indices] += new_values - old[indices]
+            old[indices] = new_values
+            if self._touched is not None:
+                self._touched.append(indices)
+            return
         new = message.apply(old)
         self.g_sum += new - old
         self.mirrors[worker_id] = new
+        self._touched = None  # a dense change: every coordinate may have moved
 
     def add_diagnostics(self, loss: float, grad: np.ndarray) -> None:
         """A worker's f_i(x^t) and grad f_i(x^t), for the round's figures (never in the bits)."""
@@ -226,8 +244,18 @@ class Aggregator:
         if absent and self.needs_all and self.absent_policy == "drop":
             present = [i for i in range(self.n) if i not in set(absent)]
             g = self.mirrors[present].sum(axis=0) / max(len(present), 1)
+            self._touched = None  # not a function of g_sum alone: followers need a dense resync
+            self.change = None
         else:
             g = self.g_sum / self.n
+            if self._touched is None:  # a dense round (round 0, MARINA's full rounds): all of g_sum
+                idx = np.arange(self.d, dtype=np.int64)
+            elif self._touched:
+                idx = np.unique(np.concatenate(self._touched))
+            else:
+                idx = np.zeros(0, np.int64)  # every worker skipped: nothing changed
+            self.change = (idx, self.g_sum[idx].copy())
+        self._touched = []
         self.x_prev = self.x
         self.x = (self.x - self.step_scale * g).astype(self.state_dtype)
         if not np.isfinite(self.x).all():
@@ -259,6 +287,49 @@ class Aggregator:
         self.x_prev = state["x_prev"].astype(self.state_dtype) if "x_prev" in state else None
         for meter, row in zip(self.meters, state["meters"]):
             meter.bits, meter.value_bits, meter.messages, meter.skips, meter.absent = map(int, row)
+
+
+def _sparse_delta_indices(message: Message, d: int) -> np.ndarray | None:
+    """The indices of a one-part sparse DELTA message (TopK, RandK, PermK, ...), else None."""
+    if message.mode is not Mode.DELTA or len(message.parts) != 1:
+        return None
+    part = message.parts[0]
+    if isinstance(part, SparseVector):
+        return part.indices
+    if isinstance(part, SeededSparseVector):
+        return part.indices(d)
+    return None
+
+
+class IterateFollower:
+    """A worker's copy of x^t and of the coordinator's g_sum, rebuilt from what changed.
+
+    The coordinator broadcasts `Aggregator.change` (the coordinates of g_sum its round changed
+    and their new values, exactly) instead of x; the follower writes them into its g_sum and
+    steps x <- x - scale (g_sum / n) with the very operations `Aggregator.finish_round` uses, so
+    x stays bit-identical (a digest travels with each broadcast to prove it).
+    """
+
+    def __init__(self, x: np.ndarray, g_sum: np.ndarray, n: int, step_scale: float):
+        self.x = np.array(x)
+        self.g_sum = np.array(g_sum, dtype=np.float64)
+        self.n = n
+        self.step_scale = step_scale
+
+    def reset(self, x: np.ndarray, g_sum: np.ndarray) -> None:
+        """A dense resync: the coordinator's x and g_sum as they are."""
+        self.x = np.array(x)
+        self.g_sum = np.array(g_sum, dtype=np.float64)
+
+    def follow(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
+        self.g_sum[indices] = values
+        self.x = (self.x - self.step_scale * (self.g_sum / self.n)).astype(self.x.dtype)
+        return self.x
+
+
+def digest(x: np.ndarray) -> bytes:
+    """A short checksum of an iterate's bytes (blake2b, 8 bytes), equal on every machine."""
+    return hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=8).digest()
 
 
 RoundCallback = Callable[[dict], None]
