@@ -13,7 +13,9 @@ from the coordinator's `elapsed_s` in metrics.jsonl, so start-up and round 0's d
 left out), the coordinator's CPU seconds per round over the same rounds, wire bytes per round
 (method traffic, gRPC frames included), and the peak RSS (VmHWM) of the coordinator and of the
 largest worker. Each row also gives the coordinator's state (iterate, aggregate and n mirrors at
-the state dtype) and one worker's data, the figures the memory targets are stated against.
+the state dtype) and one worker's data, the figures the memory targets are stated against, and
+the CPU seconds per round of all workers together (on a machine with fewer cores than n + 1,
+(coordinator + workers) CPU / cores bounds the round time from below).
 
 The job: least squares on a sparse LibSVM set of 2n rows written once per (n, d) into
 `--data-dir` (each row has d/100 ones at random coordinates, so a worker's gradient has about
@@ -21,12 +23,15 @@ The job: least squares on a sparse LibSVM set of 2n rows written once per (n, d)
 as float32; diagnostics only at round 0. GD is `method = "gd"`, `compressor = "identity"`;
 EF21 is `method = "ef21"` with `top_k(k = d/100)`.
 
-    .venv/bin/python -m threepc.benchmarks.bench_rounds --n 8 --d 1e6 --method ef21   # ~1 min
-    .venv/bin/python -m threepc.benchmarks.bench_rounds --json                       # full grid
+    .venv/bin/python -m threepc.benchmarks.bench_rounds --n 8 --d 1e6 --method ef21 --repeats 1
+    .venv/bin/python -m threepc.benchmarks.bench_rounds --json                    # the full grid
 
-The full grid (n in 8, 32, 100; d in 1e4, 1e6; d = 1e7 at n = 8; GD and EF21; 3 repeats) takes
-about an hour on a 2-core machine, most of it starting 100 workers and the in-process engine
-at n = 100. `--allocator both` runs each row with glibc's default allocator and with
+On a shared 2-core VM the first line takes about a minute; a row of n = 8, d = 1e6 with the
+default 3 repeats about 4 minutes, n = 32 about 11. The full grid (n in 8, 32, 100; d in 1e4,
+1e6; d = 1e7 at n = 8; GD and EF21) takes 2 to 3 hours there, most of it the n = 100 rows and
+d = 1e7 (20 s and more per round), and n = 100 needs about 25 GB of memory (worker processes of
+~250 MB each), which such a VM does not have; run those rows on a bigger machine.
+`--allocator both` runs each row with glibc's default allocator and with
 `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...` (no mmap'd blocks, no trimming) in the
 environment of every process. Linux only (/proc). Prints figures; it never fails on timing.
 """
@@ -34,6 +39,7 @@ environment of every process. Linux only (/proc). Prints figures; it never fails
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -43,9 +49,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -105,12 +112,14 @@ class Watch:
     pid: int
     metrics: Path
     interval_s: float = 0.05
-    marks: list[tuple[int, float]] = field(default_factory=list)  # (rounds written, CPU s)
+    # (rounds written, coordinator CPU s, all workers' CPU s) at each sample
+    marks: list[tuple[int, float, float]] = field(default_factory=list)
     coordinator_hwm: float = 0.0
     worker_hwm: dict[int, float] = field(default_factory=dict)
+    worker_cpu: dict[int, float] = field(default_factory=dict)  # last CPU s seen, kept after exit
     _stop: threading.Event = field(default_factory=threading.Event)
 
-    def start(self) -> "Watch":
+    def start(self) -> Watch:
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
         return self
@@ -131,22 +140,25 @@ class Watch:
             cpu = _cpu_s(self.pid)
             if cpu is None:
                 break
-            self.marks.append((self._rounds_written(), cpu))
+            rounds = self._rounds_written()
             self.coordinator_hwm = max(self.coordinator_hwm, _vm_hwm_mb(self.pid) or 0.0)
             for child in _children(self.pid):
-                hwm = _vm_hwm_mb(child)
+                hwm, child_cpu = _vm_hwm_mb(child), _cpu_s(child)
                 if hwm is not None:
                     self.worker_hwm[child] = max(self.worker_hwm.get(child, 0.0), hwm)
+                if child_cpu is not None:
+                    self.worker_cpu[child] = child_cpu
+            self.marks.append((rounds, cpu, sum(self.worker_cpu.values())))
             self._stop.wait(self.interval_s)
 
-    def cpu_per_round(self, first: int, last: int) -> float | None:
-        """CPU seconds per round between the samples nearest to `first` and `last` rounds written."""
-        after = [m for m in self.marks if m[0] >= first]
-        before = [m for m in after if m[0] <= last]
-        if len(before) < 2 or before[-1][0] == before[0][0]:
-            return None
-        (r0, c0), (r1, c1) = before[0], before[-1]
-        return (c1 - c0) / (r1 - r0)
+    def cpu_per_round(self, first: int, last: int) -> tuple[float | None, float | None]:
+        """(coordinator, all workers) CPU seconds per round between the samples nearest to
+        `first` and `last` rounds written."""
+        inside = [m for m in self.marks if first <= m[0] <= last]
+        if len(inside) < 2 or inside[-1][0] == inside[0][0]:
+            return None, None
+        (r0, c0, w0), (r1, c1, w1) = inside[0], inside[-1]
+        return (c1 - c0) / (r1 - r0), (w1 - w0) / (r1 - r0)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -186,6 +198,15 @@ def write_config(path: Path, n: int, d: int, method: str, rounds: int, data: Pat
     )
 
 
+@functools.cache
+def _quiet_flags() -> tuple[str, ...]:
+    """`--no-dashboard` where `threepc run` has a dashboard: it would cost CPU and bind a port."""
+    usage = subprocess.run(
+        [*CLI, "run", "--help"], check=False, capture_output=True, text=True
+    ).stdout
+    return ("--no-dashboard",) if "--no-dashboard" in usage else ()
+
+
 def _rows(metrics: Path) -> list[dict]:
     return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
 
@@ -197,12 +218,19 @@ def _steady_rate(rows: list[dict], warmup: int) -> float | None:
     return (b["round"] - a["round"]) / span if span > 0 else None
 
 
-def run_threepc(config: Path, out: Path, warmup: int, env: dict[str, str], timeout: float) -> dict[str, Any]:
+def run_threepc(
+    config: Path, out: Path, warmup: int, env: dict[str, str], timeout: float
+) -> dict[str, Any]:
     """A local cluster run of `config`; its steady-state figures."""
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.jsonl"
     with open(out / "coordinator.log", "wb") as log:
-        proc = subprocess.Popen([*CLI, "run", str(config), "--out", str(out), "-q"], stdout=log, stderr=log, env=env)
+        proc = subprocess.Popen(
+            [*CLI, "run", str(config), "--out", str(out), "-q", *_quiet_flags()],
+            stdout=log,
+            stderr=log,
+            env=env,
+        )
         watch = Watch(proc.pid, metrics).start()
         try:
             code = proc.wait(timeout)
@@ -217,9 +245,11 @@ def run_threepc(config: Path, out: Path, warmup: int, env: dict[str, str], timeo
     rows = _rows(metrics)
     a, b = rows[max(warmup - 1, 0)], rows[-1]
     timed = b["round"] - a["round"]
+    coordinator_cpu, workers_cpu = watch.cpu_per_round(a["round"] + 1, b["round"] + 1)
     return {
         "rounds_per_s": _steady_rate(rows, warmup),
-        "coordinator_cpu_s_per_round": watch.cpu_per_round(a["round"] + 1, b["round"] + 1),
+        "coordinator_cpu_s_per_round": coordinator_cpu,
+        "workers_cpu_s_per_round": workers_cpu,
         "bytes_up": (b["wire_bytes_up"] - a["wire_bytes_up"]) / timed,
         "bytes_down": (b["wire_bytes_down"] - a["wire_bytes_down"]) / timed,
         "coordinator_rss_mb": watch.coordinator_hwm,
@@ -227,17 +257,43 @@ def run_threepc(config: Path, out: Path, warmup: int, env: dict[str, str], timeo
     }
 
 
-def run_in_process(config: Path, out: Path, warmup: int, env: dict[str, str], timeout: float) -> float | None:
+def run_in_process(
+    config: Path, out: Path, warmup: int, env: dict[str, str], timeout: float
+) -> float | None:
     out.mkdir(parents=True, exist_ok=True)
-    subprocess.run([*CLI, "run", str(config), "--in-process", "--out", str(out), "-q"],
-                   check=True, capture_output=True, env=env, timeout=timeout)
+    subprocess.run(
+        [*CLI, "run", str(config), "--in-process", "--out", str(out), "-q", *_quiet_flags()],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=timeout,
+    )
     return _steady_rate(_rows(out / "metrics.jsonl"), warmup)
 
 
-def run_raw(n: int, down: int, up: int, rounds: int, warmup: int, env: dict[str, str], timeout: float) -> dict[str, Any]:
-    done = subprocess.run([*RAW, "--n", str(n), "--down", str(down), "--up", str(up), "--rounds", str(rounds),
-                           "--warmup", str(warmup)], check=True, capture_output=True, text=True, env=env,
-                          timeout=timeout)
+def run_raw(
+    n: int, down: int, up: int, rounds: int, warmup: int, env: dict[str, str], timeout: float
+) -> dict[str, Any]:
+    done = subprocess.run(
+        [
+            *RAW,
+            "--n",
+            str(n),
+            "--down",
+            str(down),
+            "--up",
+            str(up),
+            "--rounds",
+            str(rounds),
+            "--warmup",
+            str(warmup),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -253,7 +309,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def measure_row(n: int, d: int, method: str, allocator: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def measure_row(
+    n: int, d: int, method: str, allocator: str, args: argparse.Namespace, work: Path
+) -> dict[str, Any]:
     """Repeats of threepc, raw and in-process runs, interleaved so that noise hits all three."""
     env = {**os.environ, **ALLOCATOR_ENV[allocator]}
     rounds, warmup = rounds_for(d, args)
@@ -270,13 +328,22 @@ def measure_row(n: int, d: int, method: str, allocator: str, args: argparse.Name
             raw = run_raw(n, down, up, rounds, warmup, env, args.timeout)
             sample["raw_rounds_per_s"] = raw["rounds_per_s"]
             sample["raw_cpu_s_per_round"] = raw["server_cpu_s_per_round"]
+            sample["raw_workers_cpu_s_per_round"] = raw.get("workers_cpu_s_per_round")
         if not args.no_in_process:
-            sample["inprocess_rounds_per_s"] = run_in_process(config, work / f"{tag}_inproc", warmup, env, args.timeout)
+            sample["inprocess_rounds_per_s"] = run_in_process(
+                config, work / f"{tag}_inproc", warmup, env, args.timeout
+            )
         samples.append(sample)
     keys = sorted({k for s in samples for k in s})
     compressor = "identity" if method == "gd" else f"top_k(k={max(1, d // 100)})"
-    row: dict[str, Any] = {"n": n, "d": d, "method": method, "compressor": compressor, "downlink": "dense",
-                           "allocator": allocator}
+    row: dict[str, Any] = {
+        "n": n,
+        "d": d,
+        "method": method,
+        "compressor": compressor,
+        "downlink": "dense",
+        "allocator": allocator,
+    }
     for key in keys:
         row[key] = _median([s.get(key) for s in samples])
     for key in ("rounds_per_s", "raw_rounds_per_s", "inprocess_rounds_per_s"):
@@ -314,7 +381,10 @@ COLUMNS = [
     ("vs raw", "vs_raw", "{:.2f}x"),
     ("inproc r/s", "inprocess_rounds_per_s", "{:.2f}"),
     ("vs inproc", "vs_inprocess", "{:.2f}x"),
-    ("coord CPU s/rnd", "coordinator_cpu_s_per_round", "{:.4f}"),
+    ("coord CPU s/rnd", "coordinator_cpu_s_per_round", "{:.3f}"),
+    ("raw", "raw_cpu_s_per_round", "{:.3f}"),
+    ("workers CPU s/rnd", "workers_cpu_s_per_round", "{:.3f}"),
+    ("raw", "raw_workers_cpu_s_per_round", "{:.3f}"),
     ("up B/rnd", "bytes_up", "{:,.0f}"),
     ("down B/rnd", "bytes_down", "{:,.0f}"),
     ("coord RSS MB", "coordinator_rss_mb", "{:.0f}"),
@@ -333,7 +403,10 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     cells = [[_cell(r, key, fmt) for _, key, fmt in COLUMNS] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, (h, _, _) in enumerate(COLUMNS)]
+    widths = [
+        max(len(h), *(len(c[i]) for c in cells)) if cells else len(h)
+        for i, (h, _, _) in enumerate(COLUMNS)
+    ]
     print("  ".join(h.rjust(w) for (h, _, _), w in zip(COLUMNS, widths)))
     for c in cells:
         print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
@@ -345,21 +418,47 @@ def _dims(text: str) -> int:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="threepc bench rounds", description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, nargs="+", help=f"worker processes (default {' '.join(map(str, DEFAULT_N))})")
-    p.add_argument("--d", type=_dims, nargs="+", help="dimensions, e.g. 1e6 (default 1e4 1e6, and 1e7 at n = 8)")
+    p.add_argument(
+        "--n",
+        type=int,
+        nargs="+",
+        help=f"worker processes (default {' '.join(map(str, DEFAULT_N))})",
+    )
+    p.add_argument(
+        "--d",
+        type=_dims,
+        nargs="+",
+        help="dimensions, e.g. 1e6 (default 1e4 1e6, and 1e7 at n = 8)",
+    )
     p.add_argument("--method", choices=METHODS, nargs="+", default=list(METHODS))
-    p.add_argument("--rounds", type=int, help="rounds per run, warm-up included (default: 200 at d <= 1e5, "
-                   "30 at d <= 1e6, 12 above)")
-    p.add_argument("--warmup", type=int, help="rounds left out of every rate (default: rounds / 6, at least 2)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="rounds per run, warm-up included (default: 200 at d <= 1e5, "
+        "30 at d <= 1e6, 12 above)",
+    )
+    p.add_argument(
+        "--warmup", type=int, help="rounds left out of every rate (default: rounds / 6, at least 2)"
+    )
     p.add_argument("--repeats", type=int, default=3, help="runs per row; figures are medians")
-    p.add_argument("--allocator", choices=("default", "tuned", "both"), default="default",
-                   help="glibc malloc settings for every process (tuned: MALLOC_MMAP_MAX_=0, no trimming)")
+    p.add_argument(
+        "--allocator",
+        choices=("default", "tuned", "both"),
+        default="default",
+        help="glibc malloc settings for every process (tuned: MALLOC_MMAP_MAX_=0, no trimming)",
+    )
     p.add_argument("--no-raw", action="store_true", help="skip the bare gRPC baseline")
     p.add_argument("--no-in-process", action="store_true", help="skip the in-process engine")
     p.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
-    p.add_argument("--data-dir", type=Path, default=Path(tempfile.gettempdir()) / "threepc-bench-data",
-                   help="where the generated data sets are cached")
-    p.add_argument("--keep", type=Path, help="keep every run's folder here (default: a temporary folder)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "threepc-bench-data",
+        help="where the generated data sets are cached",
+    )
+    p.add_argument(
+        "--keep", type=Path, help="keep every run's folder here (default: a temporary folder)"
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds any one run may take")
     args = p.parse_args(argv)
     if args.rounds is not None and args.rounds < (args.warmup or 2) + 2:
@@ -381,7 +480,9 @@ def grid(args: argparse.Namespace) -> list[tuple[int, int, str]]:
     ns = args.n or list(DEFAULT_N)
     ds = args.d or list(DEFAULT_D)
     explicit = args.n is not None and args.d is not None
-    return [(n, d, m) for n in ns for d in ds for m in args.method if explicit or d < 10**7 or n == 8]
+    return [
+        (n, d, m) for n in ns for d in ds for m in args.method if explicit or d < 10**7 or n == 8
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -397,17 +498,34 @@ def main(argv: Sequence[str] | None = None) -> None:
             for allocator in allocators:
                 try:
                     row = measure_row(n, d, method, allocator, args, work)
-                except (subprocess.SubprocessError, RuntimeError, OSError, ValueError, KeyError, IndexError) as err:
-                    row = {"n": n, "d": d, "method": method, "downlink": "dense", "allocator": allocator,
-                           "rounds_per_s": None, "raw_rounds_per_s": None, "inprocess_rounds_per_s": None,
-                           "error": f"{type(err).__name__}: {err}"}
+                except (
+                    subprocess.SubprocessError,
+                    RuntimeError,
+                    OSError,
+                    ValueError,
+                    KeyError,
+                    IndexError,
+                ) as err:
+                    row = {
+                        "n": n,
+                        "d": d,
+                        "method": method,
+                        "downlink": "dense",
+                        "allocator": allocator,
+                        "rounds_per_s": None,
+                        "raw_rounds_per_s": None,
+                        "inprocess_rounds_per_s": None,
+                        "error": f"{type(err).__name__}: {err}",
+                    }
                     print(f"bench rounds: n={n} d={d} {method}: {row['error']}", file=sys.stderr)
                 rows.append(row)
                 if args.json:
                     print(json.dumps(row), flush=True)
     if not args.json:
         print_table(rows)
-    print(f"bench rounds: {len(rows)} rows in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    print(
+        f"bench rounds: {len(rows)} rows in {time.perf_counter() - started:.0f} s", file=sys.stderr
+    )
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-from typing import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
@@ -35,7 +35,10 @@ _END = b""  # an empty message ends a worker's stream
 
 def _options(max_bytes: int) -> list[tuple[str, int]]:
     # The same two options threepc.common.wire.channel_options sets, nothing else.
-    return [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
+    return [
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.max_receive_message_length", max_bytes),
+    ]
 
 
 class _Hub:
@@ -47,7 +50,9 @@ class _Hub:
         self.replies: asyncio.Queue[int] = asyncio.Queue()
         self.all_joined = asyncio.Event()
 
-    async def train(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+    async def train(
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> None:
         hello = await context.read()  # the worker's first (empty-ish) message: it is connected
         if hello is grpc.aio.EOF:
             return
@@ -70,8 +75,13 @@ class _Hub:
             reader.cancel()
 
 
-async def _serve(n: int, down: int, rounds: int, max_bytes: int, spawn: list[str]) -> list[tuple[float, float]]:
-    """Run the server, start the n workers with `spawn + [port]`; (wall, CPU) at each round's end."""
+async def _serve(
+    n: int, down: int, rounds: int, max_bytes: int, spawn: list[str], worker_cpu: list[float]
+) -> list[tuple[float, float]]:
+    """Run the server, start the n workers with `spawn + [port]`; (wall, CPU) at each round's end.
+
+    Each worker's CPU seconds after its warm-up rounds are appended to `worker_cpu`.
+    """
     hub = _Hub(n)
     server = grpc.aio.server(options=_options(max_bytes))
     handler = grpc.method_handlers_generic_handler(
@@ -80,7 +90,10 @@ async def _serve(n: int, down: int, rounds: int, max_bytes: int, spawn: list[str
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    procs = [subprocess.Popen([*spawn, str(port)]) for _ in range(n)]
+    procs = [
+        await asyncio.create_subprocess_exec(*spawn, str(port), stdout=asyncio.subprocess.PIPE)
+        for _ in range(n)
+    ]
     try:
         await hub.all_joined.wait()
         blob = os.urandom(down) if down < (1 << 20) else bytes(down)
@@ -94,25 +107,34 @@ async def _serve(n: int, down: int, rounds: int, max_bytes: int, spawn: list[str
         for outbox in hub.outboxes:
             outbox.put_nowait(None)
         for p in procs:
-            await asyncio.to_thread(p.wait)
+            out, _ = await p.communicate()
+            worker_cpu.append(json.loads(out)["cpu_s"])
     finally:
         for p in procs:
-            if p.poll() is None:
+            if p.returncode is None:
                 p.kill()
-                p.wait()
+                await p.wait()
         await server.stop(1)
     return ends
 
 
-async def _work(target: str, up: int, max_bytes: int) -> None:
-    """One worker: connect, say hello, answer every blob with an `up`-byte blob until the end."""
+async def _work(target: str, up: int, max_bytes: int, warmup: int) -> float:
+    """One worker: connect, say hello, answer every blob with an `up`-byte blob until the end.
+
+    Returns its CPU seconds from the end of round `warmup - 1` on (the server's timed span).
+    """
     reply = os.urandom(up) if up < (1 << 20) else bytes(up)
+    cpu_start, blobs = time.process_time(), 0
     async with grpc.aio.insecure_channel(target, options=_options(max_bytes)) as channel:
         call = channel.stream_stream(METHOD)()
         await call.write(b"\x01")
         while (data := await call.read()) is not grpc.aio.EOF and data != _END:
+            blobs += 1
+            if blobs == warmup + 1:  # round `warmup - 1` is answered: the timed span starts
+                cpu_start = time.process_time()
             await call.write(reply)
         await call.done_writing()
+    return time.process_time() - cpu_start
 
 
 def _vm_hwm_mb(pid: int | str = "self") -> float | None:
@@ -129,14 +151,26 @@ def _vm_hwm_mb(pid: int | str = "self") -> float | None:
 def run(n: int, down: int, up: int, rounds: int, warmup: int) -> dict:
     """One bare run in this process (the server) and n worker processes; its figures."""
     max_bytes = max(down, up) + (1 << 20)
-    spawn = [sys.executable, "-m", "threepc.benchmarks.raw_grpc", "--worker", "--up", str(up),
-             "--max-bytes", str(max_bytes), "--port"]
-    ends = asyncio.run(_serve(n, down, rounds, max_bytes, spawn))
+    spawn = [
+        sys.executable,
+        "-m",
+        "threepc.benchmarks.raw_grpc",
+        "--worker",
+        "--up",
+        str(up),
+        "--warmup",
+        str(warmup),
+        "--max-bytes",
+        str(max_bytes),
+        "--port",
+    ]
+    worker_cpu: list[float] = []
+    ends = asyncio.run(_serve(n, down, rounds, max_bytes, spawn, worker_cpu))
     steady = ends[max(warmup - 1, 0) :]
     rounds_timed = len(steady) - 1
     span = steady[-1][0] - steady[0][0]
     cpu = steady[-1][1] - steady[0][1]
-    per_round = [b[0] - a[0] for a, b in zip(steady, steady[1:])]
+    per_round = [b[0] - a[0] for a, b in itertools.pairwise(steady)]
     return {
         "n": n,
         "down_bytes": down,
@@ -146,6 +180,7 @@ def run(n: int, down: int, up: int, rounds: int, warmup: int) -> dict:
         "rounds_per_s": rounds_timed / span if span > 0 else None,
         "median_round_s": statistics.median(per_round) if per_round else None,
         "server_cpu_s_per_round": cpu / rounds_timed,
+        "workers_cpu_s_per_round": sum(worker_cpu) / rounds_timed,
         "server_rss_mb": _vm_hwm_mb(),
     }
 
@@ -153,7 +188,9 @@ def run(n: int, down: int, up: int, rounds: int, warmup: int) -> dict:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="raw_grpc", description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=8, help="worker processes")
-    p.add_argument("--down", type=int, default=4_000_000, help="bytes broadcast to each worker per round")
+    p.add_argument(
+        "--down", type=int, default=4_000_000, help="bytes broadcast to each worker per round"
+    )
     p.add_argument("--up", type=int, default=40_000, help="bytes each worker sends back per round")
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5, help="rounds left out of rounds/s")
@@ -162,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--max-bytes", type=int, default=64 << 20, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        asyncio.run(_work(f"127.0.0.1:{args.port}", args.up, args.max_bytes))
+        cpu = asyncio.run(_work(f"127.0.0.1:{args.port}", args.up, args.max_bytes, args.warmup))
+        print(json.dumps({"cpu_s": cpu}))
         return
     if args.rounds <= args.warmup + 1:
         p.error("--rounds must exceed --warmup + 1")
