@@ -90,8 +90,8 @@ def synthetic(rows: int, dim: int, seed: int = 0, density: float = 0.1, name: st
     if rows < 1 or dim < 1:
         raise DataError(f"synthetic data needs rows >= 1 and dim >= 1, got {rows} x {dim}")
     rng = np.random.default_rng([seed, rows, dim])
-    mask = rng.random((rows, dim)) < density
-    features = sp.csr_matrix(mask.astype(np.float64))
+    # Only the nonzeros are drawn (a dense rows x dim draw costs gigabytes at d = 1e6).
+    features = sp.random(rows, dim, density=density, format="csr", random_state=rng, data_rvs=np.ones)
     planted = rng.normal(0.0, 1.0, dim)
     margin = features @ planted + rng.normal(0.0, 1.0, rows)
     labels = np.where(margin > np.median(margin), 1.0, -1.0)

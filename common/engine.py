@@ -25,7 +25,7 @@ from threepc.common.config import RunConfig
 from threepc.common.errors import ConfigError, DivergedError
 from threepc.common.mechanisms import Mechanism, WorkerState
 from threepc.common.methods import Smoothness, build_method, stepsize
-from threepc.common.payloads import Message, Mode, SeededSparseVector, SparseVector
+from threepc.common.payloads import Message
 from threepc.common.oracles import make_oracle
 from threepc.common.randomness import round_randomness
 from threepc.common.problems import Problem, make_problem
@@ -180,6 +180,7 @@ class Aggregator:
         self.change: tuple[np.ndarray, np.ndarray] | None = None
         self.mirrors = np.zeros((self.n, self.d))
         self.g_sum = np.zeros(self.d)
+        self._scratch = np.empty(self.d)  # reused for new - old of dense messages
         self.t = 0
         self.meters = [WorkerMeter() for _ in range(self.n)]
         self.skips_round = 0
@@ -198,7 +199,7 @@ class Aggregator:
             self.skips_round += 1
             return
         old = self.mirrors[worker_id]
-        indices = _sparse_delta_indices(message, self.d)
+        indices = message.sparse_indices(self.d)
         if indices is not None:
             # In place, touching only the k coordinates the message changes: the same float64
             # additions as message.apply(old) at those coordinates, so the mirror still equals
@@ -210,8 +211,9 @@ class Aggregator:
                 self._touched.append(indices)
             return
         new = message.apply(old)
-        self.g_sum += new - old
-        self.mirrors[worker_id] = new
+        np.subtract(new, old, out=self._scratch)
+        self.g_sum += self._scratch
+        old[:] = new  # the mirrors array is this object's own: updated in place
         self._touched = None  # a dense change: every coordinate may have moved
 
     def add_diagnostics(self, loss: float, grad: np.ndarray) -> None:
@@ -287,18 +289,6 @@ class Aggregator:
         self.x_prev = state["x_prev"].astype(self.state_dtype) if "x_prev" in state else None
         for meter, row in zip(self.meters, state["meters"]):
             meter.bits, meter.value_bits, meter.messages, meter.skips, meter.absent = map(int, row)
-
-
-def _sparse_delta_indices(message: Message, d: int) -> np.ndarray | None:
-    """The indices of a one-part sparse DELTA message (TopK, RandK, PermK, ...), else None."""
-    if message.mode is not Mode.DELTA or len(message.parts) != 1:
-        return None
-    part = message.parts[0]
-    if isinstance(part, SparseVector):
-        return part.indices
-    if isinstance(part, SeededSparseVector):
-        return part.indices(d)
-    return None
 
 
 class IterateFollower:

@@ -321,7 +321,9 @@ class Message:
         return self.mode is Mode.DELTA and not self.parts
 
     def dense(self, d: int) -> np.ndarray:
-        """sum(parts) as a float64 d-vector."""
+        """sum(parts) as a float64 d-vector (a new array)."""
+        if len(self.parts) == 1:
+            return self.parts[0].dense(d)
         out = np.zeros(d)
         for part in self.parts:
             out += part.dense(d)
@@ -336,12 +338,32 @@ class Message:
         return sum(part.value_bits() for part in self.parts)
 
     def apply(self, mirror: np.ndarray) -> np.ndarray:
-        """The coordinator's update of its mirror g_i^t -> g_i^{t+1} (a new array)."""
+        """g_i^t -> g_i^{t+1}, as the worker keeps it and the coordinator mirrors it (a new array).
+
+        A one-part sparse DELTA adds its k values at their k coordinates and leaves the rest as
+        they are: the coordinator's in-place path (engine.Aggregator.apply) does the very same.
+        """
         if self.mode is Mode.REPLACE:
             return self.dense(mirror.size)
         if not self.parts:
             return mirror
+        indices = self.sparse_indices(mirror.size)
+        if indices is not None:
+            out = mirror.copy()
+            out[indices] += np.asarray(self.parts[0].values, dtype=np.float64)  # type: ignore[union-attr]
+            return out
         return mirror + self.dense(mirror.size)
+
+    def sparse_indices(self, d: int) -> IndexArray | None:
+        """The coordinates of a one-part sparse DELTA message (TopK, RandK, PermK), else None."""
+        if self.mode is not Mode.DELTA or len(self.parts) != 1:
+            return None
+        part = self.parts[0]
+        if isinstance(part, SparseVector):
+            return part.indices
+        if isinstance(part, SeededSparseVector):
+            return part.indices(d)
+        return None
 
 
 def skip(flag_bits: int = 1) -> Message:

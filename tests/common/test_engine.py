@@ -150,17 +150,21 @@ def test_resuming_from_a_state_dict_reaches_the_same_iterate() -> None:
 
 
 @pytest.mark.parametrize(
-    "gradient",
-    [{"name": "sgd", "batch": 8}, {"name": "sgd", "batch": 8, "sampling": "importance"}, {"name": "lsvrg", "batch": 4}],
+    "gradient, factor",
+    [
+        ({"name": "sgd", "batch": 8}, 0.1),
+        ({"name": "sgd", "batch": 8, "sampling": "importance"}, 0.1),
+        ({"name": "lsvrg", "batch": 4}, 1e-3),  # variance reduction: far below SGD's noise floor
+    ],
     ids=["sgd", "sgd-importance", "lsvrg"],
 )
-def test_ec_sgd_and_ec_lsvrg_with_hard_threshold_make_progress(gradient: dict) -> None:
+def test_ec_sgd_and_ec_lsvrg_with_hard_threshold_make_progress(gradient: dict, factor: float) -> None:
     cfg = small(
-        rounds=300, method="ef14", stepsize=0.5, gradient=gradient,
+        rounds=300, method="ef14", stepsize=0.5, stepsize_multiplier=1.0, gradient=gradient,
         compressor={"name": "hard_threshold", "threshold": 0.001},
     )
     rows = engine.run_in_process(engine.plan(cfg)).rows
-    assert rows[-1]["grad_norm_sq"] < 0.1 * rows[0]["grad_norm_sq"]
+    assert rows[-1]["grad_norm_sq"] < factor * rows[0]["grad_norm_sq"]
 
 
 def test_stochastic_gradients_are_unbiased() -> None:
