@@ -24,49 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rthreepc.proto\x12\nthreepc.v1\"\xd7\x01\n\rWorkerMessage\x12 \n\x04join\x18\x01 \x01(\x0b\x32\x10.threepc.v1.JoinH\x00\x12\"\n\x05ready\x18\x02 \x01(\x0b\x32\x11.threepc.v1.ReadyH\x00\x12$\n\x06update\x18\x03 \x01(\x0b\x32\x12.threepc.v1.UpdateH\x00\x12.\n\x0b\x64iagnostics\x18\x04 \x01(\x0b\x32\x17.threepc.v1.DiagnosticsH\x00\x12\"\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x11.threepc.v1.ChunkH\x00\x42\x06\n\x04kind\"\xae\x01\n\x12\x43oordinatorMessage\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.threepc.v1.WelcomeH\x00\x12\"\n\x05round\x18\x02 \x01(\x0b\x32\x11.threepc.v1.RoundH\x00\x12 \n\x04\x64one\x18\x03 \x01(\x0b\x32\x10.threepc.v1.DoneH\x00\x12\"\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x11.threepc.v1.ChunkH\x00\x42\x06\n\x04kind\"#\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04last\x18\x02 \x01(\x08\"<\n\x04Join\x12\x14\n\x0crequested_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"Y\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12\x11\n\tn_workers\x18\x02 \x01(\r\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x13\n\x0bstart_round\x18\x04 \x01(\x04\"(\n\x05Ready\x12\x0c\n\x04rows\x18\x01 \x01(\x04\x12\x11\n\tdimension\x18\x02 \x01(\r\"I\n\x05Round\x12\r\n\x05round\x18\x01 \x01(\x04\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.threepc.v1.Dtype\x12\x0f\n\x07iterate\x18\x03 \x01(\x0c\"&\n\x04\x44one\x12\x0e\n\x06rounds\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"~\n\x06Update\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tworker_id\x18\x02 \x01(\r\x12\x1e\n\x04mode\x18\x03 \x01(\x0e\x32\x10.threepc.v1.Mode\x12\x1f\n\x05parts\x18\x04 \x03(\x0b\x32\x10.threepc.v1.Part\x12\x11\n\tflag_bits\x18\x05 \x01(\r\"\xf0\x01\n\x04Part\x12(\n\x05\x64\x65nse\x18\x01 \x01(\x0b\x32\x17.threepc.v1.DenseVectorH\x00\x12*\n\x06sparse\x18\x02 \x01(\x0b\x32\x18.threepc.v1.SparseVectorH\x00\x12\x30\n\x06seeded\x18\x03 \x01(\x0b\x32\x1e.threepc.v1.SeededSparseVectorH\x00\x12\x30\n\tquantized\x18\x04 \x01(\x0b\x32\x1b.threepc.v1.QuantizedVectorH\x00\x12&\n\x04sign\x18\x05 \x01(\x0b\x32\x16.threepc.v1.SignVectorH\x00\x42\x06\n\x04kind\"?\n\x0b\x44\x65nseVector\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.threepc.v1.Dtype\x12\x0e\n\x06values\x18\x02 \x01(\x0c\"v\n\x0cSparseVector\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x14\n\x0cindex_coding\x18\x02 \x01(\r\x12\x0f\n\x07indices\x18\x03 \x01(\x0c\x12 \n\x05\x64type\x18\x04 \x01(\x0e\x32\x11.threepc.v1.Dtype\x12\x0e\n\x06values\x18\x05 \x01(\x0c\"\x90\x01\n\x12SeededSparseVector\x12\x0c\n\x04rule\x18\x01 \x01(\r\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\r\n\x05\x62lock\x18\x04 \x01(\r\x12\x0e\n\x06\x62locks\x18\x05 \x01(\r\x12 \n\x05\x64type\x18\x06 \x01(\x0e\x32\x11.threepc.v1.Dtype\x12\x0e\n\x06values\x18\x07 \x01(\x0c\"\xa4\x01\n\x0fQuantizedVector\x12\x0c\n\x04grid\x18\x01 \x01(\r\x12\x0e\n\x06levels\x18\x02 \x01(\r\x12\r\n\x05scale\x18\x03 \x01(\x01\x12\x0e\n\x06offset\x18\x04 \x01(\x01\x12\x0e\n\x06signed\x18\x05 \x01(\x08\x12\r\n\x05signs\x18\x06 \x01(\x0c\x12\x12\n\nlevel_bits\x18\x07 \x01(\r\x12\x13\n\x0blevel_codes\x18\x08 \x01(\x0c\x12\x0c\n\x04seed\x18\t \x01(\x04\"R\n\nSignVector\x12\r\n\x05scale\x18\x01 \x01(\x01\x12\r\n\x05signs\x18\x02 \x01(\x0c\x12\x15\n\rrotation_seed\x18\x03 \x01(\x04\x12\x0f\n\x07rotated\x18\x04 \x01(\x08\"q\n\x0b\x44iagnostics\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tworker_id\x18\x02 \x01(\r\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12 \n\x05\x64type\x18\x04 \x01(\x0e\x32\x11.threepc.v1.Dtype\x12\x10\n\x08gradient\x18\x05 \x01(\x0c*S\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT64\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04*\x1e\n\x04Mode\x12\t\n\x05\x44\x45LTA\x10\x00\x12\x0b\n\x07REPLACE\x10\x01\x32U\n\x0b\x43oordinator\x12\x46\n\x05Train\x12\x19.threepc.v1.WorkerMessage\x1a\x1e.threepc.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rthreepc.proto\x12\nthreepc.v1\"\xd7\x01\n\rWorkerMessage\x12 \n\x04join\x18\x01 \x01(\x0b\x32\x10.threepc.v1.JoinH\x00\x12\"\n\x05ready\x18\x02 \x01(\x0b\x32\x11.threepc.v1.ReadyH\x00\x12$\n\x06update\x18\x03 \x01(\x0b\x32\x12.threepc.v1.UpdateH\x00\x12.\n\x0b\x64iagnostics\x18\x04 \x01(\x0b\x32\x17.threepc.v1.DiagnosticsH\x00\x12\"\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x11.threepc.v1.ChunkH\x00\x42\x06\n\x04kind\"\xd6\x01\n\x12\x43oordinatorMessage\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.threepc.v1.WelcomeH\x00\x12\"\n\x05round\x18\x02 \x01(\x0b\x32\x11.threepc.v1.RoundH\x00\x12 \n\x04\x64one\x18\x03 \x01(\x0b\x32\x10.threepc.v1.DoneH\x00\x12\"\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x11.threepc.v1.ChunkH\x00\x12&\n\x07restore\x18\x05 \x01(\x0b\x32\x13.threepc.v1.RestoreH\x00\x42\x06\n\x04kind\"#\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04last\x18\x02 \x01(\x08\"<\n\x04Join\x12\x14\n\x0crequested_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\"\x7f\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\r\x12\x11\n\tn_workers\x18\x02 \x01(\r\x12\x13\n\x0b\x63onfig_json\x18\x03 \x01(\t\x12\x13\n\x0bstart_round\x18\x04 \x01(\x04\x12$\n\x07restore\x18\x05 \x01(\x0b\x32\x13.threepc.v1.Restore\"\x9d\x01\n\x07Restore\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\thas_state\x18\x02 \x01(\x08\x12\'\n\x0cmirror_dtype\x18\x03 \x01(\x0e\x32\x11.threepc.v1.Dtype\x12\x0e\n\x06mirror\x18\x04 \x01(\x0c\x12\'\n\x0cx_prev_dtype\x18\x05 \x01(\x0e\x32\x11.threepc.v1.Dtype\x12\x0e\n\x06x_prev\x18\x06 \x01(\x0c\"(\n\x05Ready\x12\x0c\n\x04rows\x18\x01 \x01(\x04\x12\x11\n\tdimension\x18\x02 \x01(\r\"I\n\x05Round\x12\r\n\x05round\x18\x01 \x01(\x04\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.threepc.v1.Dtype\x12\x0f\n\x07iterate\x18\x03 \x01(\x0c\"&\n\x04\x44one\x12\x0e\n\x06rounds\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"~\n\x06Update\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tworker_id\x18\x02 \x01(\r\x12\x1e\n\x04mode\x18\x03 \x01(\x0e\x32\x10.threepc.v1.Mode\x12\x1f\n\x05parts\x18\x04 \x03(\x0b\x32\x10.threepc.v1.Part\x12\x11\n\tflag_bits\x18\x05 \x01(\r\"\xf0\x01\n\x04Part\x12(\n\x05\x64\x65nse\x18\x01 \x01(\x0b\x32\x17.threepc.v1.DenseVectorH\x00\x12*\n\x06sparse\x18\x02 \x01(\x0b\x32\x18.threepc.v1.SparseVectorH\x00\x12\x30\n\x06seeded\x18\x03 \x01(\x0b\x32\x1e.threepc.v1.SeededSparseVectorH\x00\x12\x30\n\tquantized\x18\x04 \x01(\x0b\x32\x1b.threepc.v1.QuantizedVectorH\x00\x12&\n\x04sign\x18\x05 \x01(\x0b\x32\x16.threepc.v1.SignVectorH\x00\x42\x06\n\x04kind\"?\n\x0b\x44\x65nseVector\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.threepc.v1.Dtype\x12\x0e\n\x06values\x18\x02 \x01(\x0c\"v\n\x0cSparseVector\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x14\n\x0cindex_coding\x18\x02 \x01(\r\x12\x0f\n\x07indices\x18\x03 \x01(\x0c\x12 \n\x05\x64type\x18\x04 \x01(\x0e\x32\x11.threepc.v1.Dtype\x12\x0e\n\x06values\x18\x05 \x01(\x0c\"\x90\x01\n\x12SeededSparseVector\x12\x0c\n\x04rule\x18\x01 \x01(\r\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\r\n\x05\x62lock\x18\x04 \x01(\r\x12\x0e\n\x06\x62locks\x18\x05 \x01(\r\x12 \n\x05\x64type\x18\x06 \x01(\x0e\x32\x11.threepc.v1.Dtype\x12\x0e\n\x06values\x18\x07 \x01(\x0c\"\xa4\x01\n\x0fQuantizedVector\x12\x0c\n\x04grid\x18\x01 \x01(\r\x12\x0e\n\x06levels\x18\x02 \x01(\r\x12\r\n\x05scale\x18\x03 \x01(\x01\x12\x0e\n\x06offset\x18\x04 \x01(\x01\x12\x0e\n\x06signed\x18\x05 \x01(\x08\x12\r\n\x05signs\x18\x06 \x01(\x0c\x12\x12\n\nlevel_bits\x18\x07 \x01(\r\x12\x13\n\x0blevel_codes\x18\x08 \x01(\x0c\x12\x0c\n\x04seed\x18\t \x01(\x04\"R\n\nSignVector\x12\r\n\x05scale\x18\x01 \x01(\x01\x12\r\n\x05signs\x18\x02 \x01(\x0c\x12\x15\n\rrotation_seed\x18\x03 \x01(\x04\x12\x0f\n\x07rotated\x18\x04 \x01(\x08\"q\n\x0b\x44iagnostics\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x11\n\tworker_id\x18\x02 \x01(\r\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12 \n\x05\x64type\x18\x04 \x01(\x0e\x32\x11.threepc.v1.Dtype\x12\x10\n\x08gradient\x18\x05 \x01(\x0c*S\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT64\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04*\x1e\n\x04Mode\x12\t\n\x05\x44\x45LTA\x10\x00\x12\x0b\n\x07REPLACE\x10\x01\x32U\n\x0b\x43oordinator\x12\x46\n\x05Train\x12\x19.threepc.v1.WorkerMessage\x1a\x1e.threepc.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'threepc_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1840
-  _globals['_DTYPE']._serialized_end=1923
-  _globals['_MODE']._serialized_start=1925
-  _globals['_MODE']._serialized_end=1955
+  _globals['_DTYPE']._serialized_start=2078
+  _globals['_DTYPE']._serialized_end=2161
+  _globals['_MODE']._serialized_start=2163
+  _globals['_MODE']._serialized_end=2193
   _globals['_WORKERMESSAGE']._serialized_start=30
   _globals['_WORKERMESSAGE']._serialized_end=245
   _globals['_COORDINATORMESSAGE']._serialized_start=248
-  _globals['_COORDINATORMESSAGE']._serialized_end=422
-  _globals['_CHUNK']._serialized_start=424
-  _globals['_CHUNK']._serialized_end=459
-  _globals['_JOIN']._serialized_start=461
-  _globals['_JOIN']._serialized_end=521
-  _globals['_WELCOME']._serialized_start=523
-  _globals['_WELCOME']._serialized_end=612
-  _globals['_READY']._serialized_start=614
-  _globals['_READY']._serialized_end=654
-  _globals['_ROUND']._serialized_start=656
-  _globals['_ROUND']._serialized_end=729
-  _globals['_DONE']._serialized_start=731
-  _globals['_DONE']._serialized_end=769
-  _globals['_UPDATE']._serialized_start=771
-  _globals['_UPDATE']._serialized_end=897
-  _globals['_PART']._serialized_start=900
-  _globals['_PART']._serialized_end=1140
-  _globals['_DENSEVECTOR']._serialized_start=1142
-  _globals['_DENSEVECTOR']._serialized_end=1205
-  _globals['_SPARSEVECTOR']._serialized_start=1207
-  _globals['_SPARSEVECTOR']._serialized_end=1325
-  _globals['_SEEDEDSPARSEVECTOR']._serialized_start=1328
-  _globals['_SEEDEDSPARSEVECTOR']._serialized_end=1472
-  _globals['_QUANTIZEDVECTOR']._serialized_start=1475
-  _globals['_QUANTIZEDVECTOR']._serialized_end=1639
-  _globals['_SIGNVECTOR']._serialized_start=1641
-  _globals['_SIGNVECTOR']._serialized_end=1723
-  _globals['_DIAGNOSTICS']._serialized_start=1725
-  _globals['_DIAGNOSTICS']._serialized_end=1838
-  _globals['_COORDINATOR']._serialized_start=1957
-  _globals['_COORDINATOR']._serialized_end=2042
+  _globals['_COORDINATORMESSAGE']._serialized_end=462
+  _globals['_CHUNK']._serialized_start=464
+  _globals['_CHUNK']._serialized_end=499
+  _globals['_JOIN']._serialized_start=501
+  _globals['_JOIN']._serialized_end=561
+  _globals['_WELCOME']._serialized_start=563
+  _globals['_WELCOME']._serialized_end=690
+  _globals['_RESTORE']._serialized_start=693
+  _globals['_RESTORE']._serialized_end=850
+  _globals['_READY']._serialized_start=852
+  _globals['_READY']._serialized_end=892
+  _globals['_ROUND']._serialized_start=894
+  _globals['_ROUND']._serialized_end=967
+  _globals['_DONE']._serialized_start=969
+  _globals['_DONE']._serialized_end=1007
+  _globals['_UPDATE']._serialized_start=1009
+  _globals['_UPDATE']._serialized_end=1135
+  _globals['_PART']._serialized_start=1138
+  _globals['_PART']._serialized_end=1378
+  _globals['_DENSEVECTOR']._serialized_start=1380
+  _globals['_DENSEVECTOR']._serialized_end=1443
+  _globals['_SPARSEVECTOR']._serialized_start=1445
+  _globals['_SPARSEVECTOR']._serialized_end=1563
+  _globals['_SEEDEDSPARSEVECTOR']._serialized_start=1566
+  _globals['_SEEDEDSPARSEVECTOR']._serialized_end=1710
+  _globals['_QUANTIZEDVECTOR']._serialized_start=1713
+  _globals['_QUANTIZEDVECTOR']._serialized_end=1877
+  _globals['_SIGNVECTOR']._serialized_start=1879
+  _globals['_SIGNVECTOR']._serialized_end=1961
+  _globals['_DIAGNOSTICS']._serialized_start=1963
+  _globals['_DIAGNOSTICS']._serialized_end=2076
+  _globals['_COORDINATOR']._serialized_start=2195
+  _globals['_COORDINATOR']._serialized_end=2280
 # @@protoc_insertion_point(module_scope)

@@ -42,16 +42,18 @@ class WorkerMessage(_message.Message):
     def __init__(self, join: _Optional[_Union[Join, _Mapping]] = ..., ready: _Optional[_Union[Ready, _Mapping]] = ..., update: _Optional[_Union[Update, _Mapping]] = ..., diagnostics: _Optional[_Union[Diagnostics, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("welcome", "round", "done", "chunk")
+    __slots__ = ("welcome", "round", "done", "chunk", "restore")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     round: Round
     done: Done
     chunk: Chunk
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., round: _Optional[_Union[Round, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+    restore: Restore
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., round: _Optional[_Union[Round, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., restore: _Optional[_Union[Restore, _Mapping]] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("data", "last")
@@ -72,16 +74,34 @@ class Join(_message.Message):
     def __init__(self, requested_id: _Optional[int] = ..., token: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("worker_id", "n_workers", "config_json", "start_round")
+    __slots__ = ("worker_id", "n_workers", "config_json", "start_round", "restore")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     N_WORKERS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     START_ROUND_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     n_workers: int
     config_json: str
     start_round: int
-    def __init__(self, worker_id: _Optional[int] = ..., n_workers: _Optional[int] = ..., config_json: _Optional[str] = ..., start_round: _Optional[int] = ...) -> None: ...
+    restore: Restore
+    def __init__(self, worker_id: _Optional[int] = ..., n_workers: _Optional[int] = ..., config_json: _Optional[str] = ..., start_round: _Optional[int] = ..., restore: _Optional[_Union[Restore, _Mapping]] = ...) -> None: ...
+
+class Restore(_message.Message):
+    __slots__ = ("round", "has_state", "mirror_dtype", "mirror", "x_prev_dtype", "x_prev")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    HAS_STATE_FIELD_NUMBER: _ClassVar[int]
+    MIRROR_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MIRROR_FIELD_NUMBER: _ClassVar[int]
+    X_PREV_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    X_PREV_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    has_state: bool
+    mirror_dtype: Dtype
+    mirror: bytes
+    x_prev_dtype: Dtype
+    x_prev: bytes
+    def __init__(self, round: _Optional[int] = ..., has_state: _Optional[bool] = ..., mirror_dtype: _Optional[_Union[Dtype, str]] = ..., mirror: _Optional[bytes] = ..., x_prev_dtype: _Optional[_Union[Dtype, str]] = ..., x_prev: _Optional[bytes] = ...) -> None: ...
 
 class Ready(_message.Message):
     __slots__ = ("rows", "dimension")

@@ -300,6 +300,11 @@ def worker(
     report: str | None,
 ) -> None:
     """Join the coordinator at HOST:PORT and train until the run is done."""
+    import os
+
+    # gRPC's own log lines (e.g. each failed TLS handshake) would bury the one-line error;
+    # GRPC_VERBOSITY set by the user still wins. Read when gRPC starts, so set before it does.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from threepc.worker.client import WorkerOptions, run_worker
 
     options = WorkerOptions(

@@ -5,24 +5,50 @@
 
 The servicer is thin: the round logic is `threepc.common.engine.Aggregator`, the same object the
 in-process engine drives. Each stream's bytes are metered where they are read and written.
+
+Faults (DESIGN.md, "The round protocol"):
+- A round closes when every live worker has answered, or at its deadline (`round_timeout_s`).
+  A worker that is gone or late is `absent`: its mirror g_i stays (a lazy skip for the 3PC
+  family); for methods that need every worker (EF, MARINA) `absent_policy` decides: "wait"
+  keeps the round open until it answers (or rejoins), "drop" closes it and rescales.
+- Messages are applied only when their round closes, in worker-id order, so a round's state is
+  all or nothing and both transports add in the same order.
+- A worker's mechanism state must equal what the coordinator's mirror rebuilds. A worker whose
+  message was not applied (late, refused, or it rejoined) gets a Restore (its mirror g_i and
+  x^{t-1}) before its next Round; an update for a closed round is refused and counted (`late`).
+- A malformed message is refused and counted (`refused`), never applied; its stream is ended
+  with INVALID_ARGUMENT and the worker may rejoin with the same id.
+- `checkpoint()` writes the state that must survive (server/checkpoint.py); `request_stop()`
+  (SIGTERM) abandons the open round, writes a checkpoint and ends the run with `Stopped`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from threepc.common import codec, config as config_mod
+from threepc.common import codec
+from threepc.common import config as config_mod
 from threepc.common.engine import Aggregator, Plan
-from threepc.common.errors import AuthError, MismatchError, ProtocolError, ThreePCError, TransportError
+from threepc.common.errors import (
+    AuthError,
+    DecodeError,
+    MismatchError,
+    ProtocolError,
+    ThreePCError,
+    TransportError,
+)
 from threepc.common.payloads import Message
 from threepc.common.wire import (
     CONTROL,
@@ -39,46 +65,116 @@ from threepc.proto.threepc_pb2 import CoordinatorMessage as ProtoCoordinatorMess
 from threepc.proto.threepc_pb2 import Done as ProtoDone
 from threepc.proto.threepc_pb2 import Welcome as ProtoWelcome
 from threepc.proto.threepc_pb2 import WorkerMessage as ProtoWorkerMessage
+from threepc.server import checkpoint as checkpoint_mod
 from threepc.server.status import aborting_on_error
 
 log = logging.getLogger("threepc.coordinator")
 
 VERSION = "0.1.0"
 
+Frames = tuple[str, list[bytes]]  # a message's category and the gRPC messages that carry it
+
 
 @dataclass
 class WorkerLink:
-    """The coordinator's side of one worker's stream."""
+    """The coordinator's side of one worker's stream (a rejoining worker gets a new one)."""
 
     worker_id: int
     peer: str
-    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # frames to write; None ends
-    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # (round, Message, diagnostics)
-    meter: Meter = field(default_factory=Meter)
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # (category, frame); None ends
+    meter: Meter = field(default_factory=Meter)  # the worker's wire meter, across its streams
     rows: int = 0
     ready: bool = False
-    last_round: int = -1
-    error: ThreePCError | None = None
+    last_round: int = -1  # the last round whose update from this worker was applied
+    error: ThreePCError | None = None  # why the stream ended early; set = the worker is gone
+    synced_round: int = -1  # the round for which the worker's state equals the mirror's rebuild
+
+    @property
+    def live(self) -> bool:
+        return self.ready and self.error is None
 
 
 RowCallback = Callable[[dict], None]
 
 
 class Coordinator:
-    """Registers workers, runs the rounds, meters every byte. One instance per run."""
+    """Registers workers, runs the rounds, meters every byte. One instance per run.
 
-    def __init__(self, plan: Plan, on_round: RowCallback | None = None, token: str = ""):
+    State by role:
+    - the method: `agg` (iterate, mirrors, bit meters: everything `Aggregator.state_dict` holds);
+    - the workers: `links` (the current stream of each worker id), `wire` (each worker's wire
+      meter, kept across its streams), `refused` (malformed messages) and `late` (updates that
+      came after their round closed) per worker;
+    - the round being collected: `_collecting` (its t, or None between rounds), `_answered`,
+      `_round_frames` (its Round, serialized once), `_events` (what the streams tell the loop);
+    - the run: `rows` (one per closed round), `checkpoint_dir`, `_stop` (SIGTERM asked).
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        on_round: RowCallback | None = None,
+        token: str = "",
+        checkpoint_dir: Path | None = None,
+    ):
         self.plan = plan
         self.token = token  # a deployment secret, never part of the run's config
         self.config = plan.config
         self.agg = Aggregator(plan)
         self.on_round = on_round
+        self.checkpoint_dir = checkpoint_dir
+        n = self.config.workers
         self.links: dict[int, WorkerLink] = {}
+        self.wire: dict[int, Meter] = {}
+        self.refused = [0] * n
+        self.late = [0] * n
         self.all_ready = asyncio.Event()
         self.finished = asyncio.Event()
         self.rows: list[dict] = []
         self.started_at: float | None = None
         self._config_json = config_mod.to_json(plan.resolved)
+        self._collecting: int | None = None
+        self._answered: set[int] = set()
+        self._round_frames: Frames | None = None
+        self._refused_round = 0
+        self._events: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
+        self._stop = asyncio.Event()
+        self._over = False  # Done is on its way: a stream that ends now ends normally
+        # Methods that need every worker, under "wait", keep a round open until all have answered.
+        self.wait_for_all = self.agg.needs_all and self.config.absent_policy == "wait"
+
+    # ------------------------------------------------------------------ resume
+
+    def load_checkpoint(self, saved: checkpoint_mod.Checkpoint, rows: list[dict]) -> None:
+        """Continue from `saved`: the aggregator's state, the counters, the rows before it."""
+        if len(saved.refused) != self.config.workers:
+            raise ThreePCError(
+                f"checkpoint is of a run with {len(saved.refused)} workers, this run has {self.config.workers}"
+            )
+        self.agg.load_state_dict(saved.agg)
+        self.refused = [int(v) for v in saved.refused]
+        self.late = [int(v) for v in saved.late]
+        for i, entry in enumerate(saved.wire):
+            if entry is not None:
+                self.wire[i] = _meter_from_dict(entry)
+        self.rows = list(rows)
+        log.info("resuming at round %d (%d rows kept)", self.agg.t, len(self.rows))
+
+    def checkpoint(self) -> Path | None:
+        """Write the state that must survive into `checkpoint_dir` (nothing if there is none)."""
+        if self.checkpoint_dir is None:
+            return None
+        wire = [self.wire[i].as_dict() if i in self.wire else None for i in range(self.config.workers)]
+        path = checkpoint_mod.save(
+            self.checkpoint_dir, self.agg.state_dict(), self.refused, self.late,
+            config_mod.to_json(self.config), wire,
+        )
+        log.info("checkpoint at round %d: %s", self.agg.t, path)
+        return path
+
+    def request_stop(self) -> None:
+        """Stop soon (SIGTERM): abandon the open round, checkpoint, end the run with `Stopped`."""
+        self._stop.set()
 
     # ------------------------------------------------------------------ the stream
 
@@ -86,22 +182,42 @@ class Coordinator:
         """One worker's whole life: Join -> Welcome -> Ready -> rounds -> Done."""
         meter = Meter()
         inbound = Reassembler(ProtoWorkerMessage, meter, self.config.wire.max_message_bytes)
-        async with aborting_on_error(context):
-            await self._serve_stream(context, inbound, meter)
+        holder: list[WorkerLink] = []
+        try:
+            async with aborting_on_error(context):
+                await self._serve_stream(context, inbound, meter, holder)
+        finally:
+            if holder:
+                link = holder[0]
+                if link.error is None and not (self._over or self.finished.is_set()):
+                    # The client went away (cancelled, or its process died) while the run goes on.
+                    self._gone(link, TransportError(f"worker {link.worker_id}'s stream was cancelled"))
 
-    async def _serve_stream(self, context: grpc.aio.ServicerContext, inbound: Reassembler, meter: Meter) -> None:
+    async def _serve_stream(
+        self, context: grpc.aio.ServicerContext, inbound: Reassembler, meter: Meter, holder: list[WorkerLink]
+    ) -> None:
         """Join -> Welcome -> Ready, then write this worker's frames until the run ends."""
         join = await self._expect(context, inbound, "join")
+        # Before anything else of this stream is read: no token, no gradient.
         if self.token and not hmac.compare_digest(join.join.token.encode(), self.token.encode()):
             raise AuthError("join token missing or wrong")
+        if self.finished.is_set():
+            raise ProtocolError("the run is over; there is nothing to join")
         link = self._register(join.join.requested_id, context.peer(), meter)
+        inbound.meter = link.meter
+        holder.append(link)
         try:
+            t0 = self.agg.t
             welcome = ProtoWelcome(
                 worker_id=link.worker_id,
                 n_workers=self.config.workers,
                 config_json=self._config_json,
-                start_round=self.agg.t,
+                start_round=t0,
             )
+            restore = self._restore_for(link.worker_id, t0)
+            if restore.has_state:
+                welcome.restore.CopyFrom(restore)
+            link.synced_round = t0
             await self._send(context, link, ProtoCoordinatorMessage(welcome=welcome))
             ready = (await self._expect(context, inbound, "ready")).ready
             if ready.dimension != self.plan.dim:
@@ -109,25 +225,48 @@ class Coordinator:
                     f"worker {link.worker_id} has dimension {ready.dimension}, the run's is {self.plan.dim}"
                 )
         except BaseException:
-            del self.links[link.worker_id]  # free the slot of a worker that never got ready
+            holder.clear()
+            if self.links.get(link.worker_id) is link:
+                del self.links[link.worker_id]  # free the slot of a worker that never got ready
             raise
         link.rows, link.ready = ready.rows, True
-        log.info("worker %d ready (%s, %d rows)", link.worker_id, link.peer, ready.rows)
-        if sum(w.ready for w in self.links.values()) == self.config.workers:
+        rejoined = t0 > 0 or self.agg.meters[link.worker_id].messages > 0
+        log.log(
+            logging.WARNING if rejoined and self.all_ready.is_set() else logging.INFO,
+            "worker %d %s (%s, %d rows) at round %d",
+            link.worker_id, "rejoined" if rejoined else "ready", link.peer, ready.rows, t0,
+        )
+        if sum(w.live for w in self.links.values()) == self.config.workers:
             self.all_ready.set()
+        if self._collecting is not None:
+            self._send_round(link, self._collecting)  # joined mid-round: it may still answer
+        self._events.put_nowait((link.worker_id, "ready", None))
         reader = asyncio.create_task(self._read_rounds(context, inbound, link))
         try:
             while (data := await link.outbox.get()) is not None:
-                await context.write(data[1])
+                # Counted before the write returns: the run may end (and be summed) meanwhile.
                 link.meter.count_sent(data[0], len(data[1]))
+                await context.write(data[1])
         finally:
             reader.cancel()
         if link.error is not None:
             raise link.error
 
+    async def _read(self, context: grpc.aio.ServicerContext) -> Any:
+        """The next gRPC message of a stream (or EOF), refused if over the run's size limit.
+
+        gRPC itself drops messages over twice the limit (`start_server`), ending the stream with
+        RESOURCE_EXHAUSTED; those between the limit and twice it are refused here, and counted.
+        """
+        data = await context.read()
+        limit = self.config.wire.max_message_bytes
+        if data is not grpc.aio.EOF and len(data) > limit:
+            raise DecodeError(f"message: {len(data)} bytes, over the limit of {limit} bytes (wire.max_message_bytes)")
+        return data
+
     async def _expect(self, context: grpc.aio.ServicerContext, inbound: Reassembler, kind: str) -> ProtoWorkerMessage:
         while True:
-            data = await context.read()
+            data = await self._read(context)
             if data is grpc.aio.EOF:
                 raise ProtocolError(f"stream ended while waiting for {kind}")
             message = inbound.feed(data)
@@ -138,105 +277,263 @@ class Coordinator:
             return message
 
     def _register(self, requested: int, peer: str, meter: Meter) -> WorkerLink:
+        """A new link for the worker id asked for (or the first free one); a gone worker's id is free."""
         n = self.config.workers
+
+        def taken(i: int) -> bool:
+            return i in self.links and self.links[i].error is None
+
         if requested >= n:
             raise ProtocolError(f"worker id {requested} outside [0, {n})")
         if requested >= 0:
             worker_id = requested
-            if worker_id in self.links:
+            if taken(worker_id):
                 raise ProtocolError(f"worker id {worker_id} is already taken")
         else:
-            free = [i for i in range(n) if i not in self.links]
+            free = [i for i in range(n) if not taken(i)]
             if not free:
                 raise ProtocolError(f"all {n} worker slots are taken")
             worker_id = free[0]
-        link = WorkerLink(worker_id, peer, meter=meter)
+        persistent = self.wire.setdefault(worker_id, Meter())
+        _merge(persistent, meter)  # the Join this stream has read so far
+        link = WorkerLink(worker_id, peer, meter=persistent)
         self.links[worker_id] = link
         return link
 
     async def _send(self, context: grpc.aio.ServicerContext, link: WorkerLink, message: ProtoCoordinatorMessage) -> None:
         for data in frames(message, self.config.wire.chunk_bytes):
-            await context.write(data)
             link.meter.count_sent(category_of(message), len(data))
+            await context.write(data)
+
+    def _restore_for(self, worker_id: int, t: int) -> Any:
+        """The Restore that rebuilds worker_id's state for round t from its mirror (or afresh)."""
+        if self.agg.meters[worker_id].messages == 0 or self.agg.x_prev is None:
+            return checkpoint_mod.restore_to_proto(t, None, None)  # the mirror holds nothing of it
+        return checkpoint_mod.restore_to_proto(t, self.agg.mirrors[worker_id], self.agg.x_prev)
+
+    def _gone(self, link: WorkerLink, error: ThreePCError) -> None:
+        """The worker's stream is over: end it with `error`, and tell the round loop."""
+        if link.error is not None:
+            return
+        if self._over:  # the worker read Done and hung up before this stream was closed
+            link.outbox.put_nowait(None)
+            return
+        link.error = error
+        link.outbox.put_nowait(None)
+        if not self.finished.is_set():
+            log.warning("worker %d is gone: %s", link.worker_id, error)
+            self._events.put_nowait((link.worker_id, "gone", None))
 
     async def _read_rounds(self, context: grpc.aio.ServicerContext, inbound: Reassembler, link: WorkerLink) -> None:
         """Decode and validate each Update (+ Diagnostics) and hand it to the round loop."""
-        d = self.plan.dim
+        d, wid = self.plan.dim, link.worker_id
+        pending: tuple[int, Message] | None = None  # an update waiting for its diagnostics
+        dropped = -1  # the round of a refused update, whose diagnostics are dropped with it
         try:
-            pending: tuple[int, Message] | None = None
             while True:
-                data = await context.read()
+                data = await self._read(context)
                 if data is grpc.aio.EOF:
-                    raise TransportError(f"worker {link.worker_id} closed its stream")
+                    raise TransportError(f"worker {wid} closed its stream")
                 message = inbound.feed(data)
                 if message is None:
                     continue
                 kind = message.WhichOneof("kind")
-                t = self.agg.t
                 if kind == "update" and pending is None:
-                    decoded = codec.message_from_proto(message.update, d, t, link.worker_id)
-                    if t % self.config.diagnostics_every == 0:
-                        pending = (t, decoded)
+                    r = message.update.round
+                    if not self._open_for(wid, r):
+                        dropped = r
+                        continue
+                    decoded = codec.message_from_proto(message.update, d, r, wid)
+                    self._answered.add(wid)
+                    if r % self.config.diagnostics_every == 0:
+                        pending = (r, decoded)
                     else:
-                        link.inbox.put_nowait((t, decoded, None))
+                        self._events.put_nowait((wid, "update", (r, decoded, None)))
                 elif kind == "diagnostics" and pending is not None:
-                    diag = codec.diagnostics_from_proto(message.diagnostics, d, t, link.worker_id)
-                    link.inbox.put_nowait((pending[0], pending[1], diag))
+                    r, decoded = pending
+                    diag = codec.diagnostics_from_proto(message.diagnostics, d, r, wid)
                     pending = None
+                    if r == self._collecting:
+                        self._events.put_nowait((wid, "update", (r, decoded, diag)))
+                    else:
+                        self._late(link, r)  # its round closed between the update and these
+                elif kind == "diagnostics" and message.diagnostics.round == dropped:
+                    continue
                 else:
-                    raise ProtocolError(f"unexpected {kind} from worker {link.worker_id} in round {t}")
+                    raise ProtocolError(f"unexpected {kind} from worker {wid} in round {self.agg.t}")
+        except DecodeError as err:
+            self.refused[wid] += 1
+            self._refused_round += 1
+            log.warning("worker %d: refused a malformed message (%s)", wid, err)
+            self._gone(link, err)
         except ThreePCError as err:
-            link.error = err
-            link.inbox.put_nowait(None)
-            link.outbox.put_nowait(None)
+            self._gone(link, err)
         except asyncio.CancelledError:
             raise
+        except Exception as err:  # noqa: BLE001 - any transport failure ends this worker's stream, not the run
+            self._gone(link, TransportError(f"worker {wid}'s stream failed: {type(err).__name__}: {err}"))
+
+    def _open_for(self, worker_id: int, r: int) -> bool:
+        """Whether worker_id's update for round r may be taken; a late or duplicate one is refused."""
+        if r == self._collecting and worker_id not in self._answered:
+            return True
+        link = self.links[worker_id]
+        if r < self.agg.t:
+            self._late(link, r)
+        elif r == self._collecting:
+            self.refused[worker_id] += 1
+            self._refused_round += 1
+            log.warning("worker %d: refused a second update for round %d", worker_id, r)
+        else:
+            raise ProtocolError(f"update for round {r}, but round {r} has not started (now {self.agg.t})")
+        return False
+
+    def _late(self, link: WorkerLink, r: int) -> None:
+        self.late[link.worker_id] += 1
+        log.info("worker %d: refused its update for round %d, which has closed", link.worker_id, r)
 
     # ------------------------------------------------------------------ the rounds
 
     async def run(self) -> list[dict]:
-        """Wait for every worker, run the rounds, tell the workers the run is done."""
-        await self.all_ready.wait()
-        self.started_at = time.perf_counter()
-        n, deadline = self.config.workers, self.config.round_timeout_s
+        """Wait for every worker, run the rounds, tell the workers the run is done.
+
+        On `request_stop` the open round is abandoned (nothing of it was applied), a checkpoint
+        is written and `checkpoint.Stopped` is raised.
+        """
+        rounds = asyncio.ensure_future(self._rounds())
+        stop = asyncio.ensure_future(self._stop.wait())
+        stopped: Path | None = None
+        failure: ThreePCError | None = None
         try:
-            for t in range(self.agg.t, self.config.rounds):
-                self._broadcast(ProtoCoordinatorMessage(round=codec.iterate_to_proto(t, self.agg.x)))
-                for worker_id in range(n):
-                    link = self.links[worker_id]
-                    try:
-                        item = await asyncio.wait_for(link.inbox.get(), deadline)
-                    except TimeoutError:
-                        raise TransportError(f"worker {worker_id} sent nothing for round {t} within {deadline} s") from None
-                    if item is None:
-                        raise link.error or TransportError(f"worker {worker_id} went away")
-                    _, message, diagnostics = item
-                    self.agg.apply(worker_id, message)
-                    link.last_round = t
-                    if diagnostics is not None:
-                        self.agg.add_diagnostics(*diagnostics)
-                row = self.agg.finish_round()
-                row.update(self.wire_totals())
-                row["elapsed_s"] = time.perf_counter() - self.started_at
-                self.rows.append(row)
-                if self.on_round:
-                    self.on_round(row)
-                if not np.isfinite(self.agg.x).all():
-                    raise ThreePCError(f"the run diverged at round {t}: the iterate is no longer finite")
-            self._broadcast(ProtoCoordinatorMessage(done=ProtoDone(rounds=self.agg.t, reason="finished")))
+            await asyncio.wait({rounds, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if rounds.done():
+                try:
+                    return rounds.result()
+                except ThreePCError as err:
+                    failure = err  # the workers learn why the run ended (e.g. DivergedError)
+                    raise
+            rounds.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await rounds
+            stopped = self.checkpoint() or Path("(no checkpoint dir)")
+            raise checkpoint_mod.Stopped(self.agg.t, stopped)
+        except asyncio.CancelledError:
+            rounds.cancel()
+            raise
         finally:
+            stop.cancel()
             for link in self.links.values():
+                if stopped is not None and link.error is None:
+                    link.error = TransportError("the coordinator stopped (checkpoint written); rejoin when it resumes")
+                elif failure is not None and link.error is None:
+                    link.error = failure
                 link.outbox.put_nowait(None)
             self.finished.set()
+
+    async def _rounds(self) -> list[dict]:
+        await self.all_ready.wait()
+        self.started_at = time.perf_counter() - (self.rows[-1]["elapsed_s"] if self.rows else 0.0)
+        every = self.config.checkpoint_every
+        for t in range(self.agg.t, self.config.rounds):
+            await self._round(t)
+            if every and self.agg.t % every == 0:
+                self.checkpoint()
+        self._over = True
+        self._broadcast(ProtoCoordinatorMessage(done=ProtoDone(rounds=self.agg.t, reason="finished")))
         return self.rows
 
+    async def _round(self, t: int) -> None:
+        """Broadcast round t, collect until all live workers answered or the deadline, close it."""
+        n, timeout = self.config.workers, self.config.round_timeout_s
+        message = ProtoCoordinatorMessage(round=codec.iterate_to_proto(t, self.agg.x))
+        self._round_frames = (category_of(message), frames(message, self.config.wire.chunk_bytes))
+        self._answered = set()
+        self._collecting = t
+        received: dict[int, tuple[Message, tuple[float, np.ndarray] | None]] = {}
+        loop = asyncio.get_running_loop()
+        try:
+            for link in self.links.values():
+                if link.live:
+                    self._send_round(link, t)
+            deadline = loop.time() + timeout
+            while True:
+                live = {i for i, link in self.links.items() if link.live}
+                nobody = not live and not received  # a round closed by no one would move x for nothing
+                blocking = (set(range(n)) if self.wait_for_all or nobody else live) - received.keys()
+                if not blocking:
+                    break
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    if self.wait_for_all or nobody:
+                        why = "absent_policy = wait" if live else "no worker is connected"
+                        log.warning("round %d: still waiting for workers %s (%s)", t, sorted(blocking), why)
+                        deadline = loop.time() + timeout
+                        continue
+                    log.warning("round %d: closing without workers %s after %g s", t, sorted(blocking), timeout)
+                    break
+                try:
+                    worker_id, kind, item = await asyncio.wait_for(self._events.get(), remaining)
+                except TimeoutError:
+                    continue
+                if kind == "update" and item[0] == t:
+                    received[worker_id] = (item[1], item[2])
+            self._collecting = None
+            while not self._events.empty():  # taken by a reader before the round closed
+                worker_id, kind, item = self._events.get_nowait()
+                if kind == "update" and item[0] == t:
+                    received[worker_id] = (item[1], item[2])
+        finally:
+            self._collecting = None
+        self._close_round(t, received)
+
+    def _send_round(self, link: WorkerLink, t: int) -> None:
+        """Round t to one worker, after a Restore if its state may differ from the mirror's."""
+        if link.synced_round != t:
+            restore = ProtoCoordinatorMessage(restore=self._restore_for(link.worker_id, t))
+            for frame in frames(restore, self.config.wire.chunk_bytes):
+                link.outbox.put_nowait((category_of(restore), frame))
+            link.synced_round = t
+        assert self._round_frames is not None
+        category, data = self._round_frames
+        for frame in data:
+            link.outbox.put_nowait((category, frame))
+
+    def _close_round(self, t: int, received: dict[int, tuple[Message, tuple[float, np.ndarray] | None]]) -> None:
+        """Apply round t's messages in worker-id order, step, and write the round's row."""
+        n = self.config.workers
+        for worker_id in sorted(received):
+            message, diagnostics = received[worker_id]
+            self.agg.apply(worker_id, message)
+            if diagnostics is not None:
+                self.agg.add_diagnostics(*diagnostics)
+            link = self.links.get(worker_id)
+            if link is not None:
+                link.last_round = t
+                link.synced_round = t + 1  # its state advanced exactly as the mirror did
+        absent = [i for i in range(n) if i not in received]
+        late = [i for i in absent if i in self.links and self.links[i].live]
+        if absent and self.agg.needs_all:
+            log.warning("round %d: workers %s absent; %s over the %d present (absent_policy = drop)",
+                        t, absent, "rescaled", n - len(absent))
+        row: dict[str, Any] = self.agg.finish_round(absent)
+        row["absent_workers"] = absent
+        row["late_workers"] = late
+        row["refused"] = self._refused_round
+        self._refused_round = 0
+        row.update(self.wire_totals())
+        row["elapsed_s"] = time.perf_counter() - (self.started_at or 0.0)
+        self.rows.append(row)
+        if self.on_round:
+            self.on_round(row)
+
     def _broadcast(self, message: ProtoCoordinatorMessage) -> None:
-        """Serialize once; the same bytes go to every stream."""
+        """Serialize once; the same bytes go to every live stream."""
         category = category_of(message)
         data = frames(message, self.config.wire.chunk_bytes)
         for link in self.links.values():
-            for frame in data:
-                link.outbox.put_nowait((category, frame))
+            if link.error is None:
+                for frame in data:
+                    link.outbox.put_nowait((category, frame))
 
     def wire_totals(self) -> dict[str, int]:
         """Cumulative bytes over all streams: the method's up and down, and diagnostics up."""
@@ -249,11 +546,41 @@ class Coordinator:
         }
 
 
+def _merge(into: Meter, other: Meter) -> None:
+    """Add `other`'s counts to `into` (a rejoining worker's new stream, before it has an id)."""
+    for mine, theirs in ((into.sent, other.sent), (into.received, other.received)):
+        for category, nbytes in theirs.items():
+            mine[category] = mine.get(category, 0) + nbytes
+    into.messages_sent += other.messages_sent
+    into.messages_received += other.messages_received
+
+
+def _meter_from_dict(entry: dict[str, Any]) -> Meter:
+    return Meter(
+        sent=dict(entry["sent_bytes"]),
+        received=dict(entry["received_bytes"]),
+        messages_sent=int(entry["messages_sent"]),
+        messages_received=int(entry["messages_received"]),
+    )
+
+
 async def start_server(
-    coordinator: Coordinator, listen: str, *, grace_s: float = 5.0
+    coordinator: Coordinator,
+    listen: str,
+    *,
+    grace_s: float = 5.0,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """A started gRPC server for `coordinator`, and the port it bound (listen on port 0 in tests)."""
-    options = channel_options(coordinator.config.wire.max_message_bytes)
+    """A started gRPC server for `coordinator`, and the port it bound (listen on port 0 in tests).
+
+    `credentials` (threepc.server.tls.server_credentials): serve TLS instead of plaintext.
+    """
+    limit = coordinator.config.wire.max_message_bytes
+    # Twice the run's limit at the gRPC layer, so that the coordinator sees (and counts) what it refuses.
+    options = [
+        (key, 2 * limit if key == "grpc.max_receive_message_length" else value)
+        for key, value in channel_options(limit)
+    ]
     server = grpc.aio.server(options=options)
     handler = grpc.method_handlers_generic_handler(
         SERVICE,
@@ -265,9 +592,14 @@ async def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    port = server.add_insecure_port(listen)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, credentials)
+    except RuntimeError:
+        port = 0
     if port == 0:
         raise TransportError(f"cannot listen on {listen}")
     await server.start()
     return server, port
-

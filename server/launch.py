@@ -11,12 +11,17 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
+
+import grpc
 
 from threepc.common.engine import Plan
 from threepc.common.errors import ConfigError, ThreePCError
+from threepc.server.checkpoint import Checkpoint
 from threepc.server.coordinator import Coordinator, start_server
 
 log = logging.getLogger("threepc.launch")
@@ -36,6 +41,10 @@ def coordinator_summary(coordinator: Coordinator) -> dict[str, Any]:
                 "bits": coordinator.agg.meters[i].bits,
                 "value_bits": coordinator.agg.meters[i].value_bits,
                 "skips": coordinator.agg.meters[i].skips,
+                "absent": coordinator.agg.meters[i].absent,  # rounds closed without its message
+                "late": coordinator.late[i],  # updates refused because their round had closed
+                "refused": coordinator.refused[i],  # malformed messages refused
+                "error": str(link.error) if link.error is not None else None,
                 "meter": link.meter.as_dict(),
             }
             for i, link in sorted(coordinator.links.items())
@@ -75,6 +84,21 @@ async def dashboard_for(
         await stop_dashboard(runner)
 
 
+@contextlib.contextmanager
+def stopping_on_sigterm(coordinator: Coordinator) -> Any:
+    """SIGTERM asks the coordinator to checkpoint and stop (`Coordinator.request_stop`)."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGTERM, coordinator.request_stop)
+    except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 async def serve(
     plan: Plan,
     listen: str,
@@ -83,15 +107,26 @@ async def serve(
     token: str = "",
     dashboard: str | None = None,
     on_dashboard: Callable[[int], None] | None = None,
+    *,
+    out_dir: Path | None = None,
+    resume: tuple[Checkpoint, list[dict]] | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> Coordinator:
-    """Listen on `listen`, run the rounds once every worker is ready, stop gracefully."""
-    coordinator = Coordinator(plan, on_round, token)
-    server, port = await start_server(coordinator, listen)
+    """Listen on `listen`, run the rounds once every worker is ready, stop gracefully.
+
+    `out_dir`: where checkpoints go (every `checkpoint_every` rounds, and on SIGTERM, after
+    which `checkpoint.Stopped` is raised). `resume`: a checkpoint and the rows before it.
+    """
+    coordinator = Coordinator(plan, on_round, token, checkpoint_dir=out_dir)
+    if resume is not None:
+        coordinator.load_checkpoint(*resume)
+    server, port = await start_server(coordinator, listen, credentials=credentials)
     if on_listening:
         on_listening(port)
     try:
-        async with dashboard_for(coordinator, dashboard, on_dashboard):
-            await coordinator.run()
+        with stopping_on_sigterm(coordinator):
+            async with dashboard_for(coordinator, dashboard, on_dashboard):
+                await coordinator.run()
     finally:
         await server.stop(5)
     return coordinator
@@ -104,8 +139,14 @@ async def run_local(
     dashboard: str | None = None,
     on_dashboard: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Coordinator here, n worker processes on loopback; returns the run's summary parts."""
-    coordinator = Coordinator(plan, on_round)
+    """Coordinator here, n worker processes on loopback; returns the run's summary parts.
+
+    A worker process that dies does not end the run where the method goes on without it
+    (the 3PC family always; EF and MARINA under absent_policy = "drop"): it is logged, and the
+    rounds close without it. Checkpoints go to `out_dir` every `checkpoint_every` rounds
+    (SIGTERM still ends a local run at once: its workers end with it).
+    """
+    coordinator = Coordinator(plan, on_round, checkpoint_dir=out_dir)
     server, port = await start_server(coordinator, "127.0.0.1:0")
     async with dashboard_for(coordinator, dashboard, on_dashboard, required=False):
         return await _run_workers(coordinator, server, port, plan, out_dir)
@@ -131,20 +172,28 @@ async def _run_workers(coordinator: Coordinator, server: Any, port: int, plan: P
         run = asyncio.ensure_future(coordinator.run())
         waits = {asyncio.ensure_future(p.wait()): i for i, p in enumerate(procs)}
         pending = set(waits)
-        # A worker that dies before the run ends fails the run with its own last words.
+        can_continue = not (coordinator.agg.needs_all and plan.config.absent_policy == "wait")
+        died: dict[int, int] = {}
         while not run.done():
             done, _ = await asyncio.wait({run, *pending}, return_when=asyncio.FIRST_COMPLETED)
             for task in done & pending:
                 pending.discard(task)
                 i = waits[task]
-                if task.result() != 0 and not run.done():
+                if task.result() == 0 or run.done():
+                    continue
+                last_words = _last_line(workers_dir / f"worker-{i}.log")
+                if not can_continue or not pending or not coordinator.all_ready.is_set():
                     run.cancel()
-                    log_path = workers_dir / f"worker-{i}.log"
-                    raise ThreePCError(f"worker {i} exited with code {task.result()}: {_last_line(log_path)}")
+                    why = "" if pending else " (no worker is left)"
+                    if not can_continue and coordinator.all_ready.is_set():
+                        why = f" ({plan.config.method.name} needs every worker and absent_policy is 'wait')"
+                    raise ThreePCError(f"worker {i} exited with code {task.result()}{why}: {last_words}")
+                died[i] = task.result()
+                log.warning("worker %d exited with code %d (%s); the run goes on without it", i, task.result(), last_words)
         await run
         codes = await asyncio.gather(*(p.wait() for p in procs))
         for i, code in enumerate(codes):
-            if code != 0:
+            if code != 0 and i not in died:
                 raise ThreePCError(f"worker {i} exited with code {code}: {_last_line(workers_dir / f'worker-{i}.log')}")
     finally:
         for p in procs:

@@ -4,33 +4,52 @@
 
 The round logic is `threepc.common.engine.WorkerNode`, the object the in-process engine drives.
 The worker meters every frame it sends and receives, so both ends' counts can be compared.
+
+When its stream breaks after it has trained (the coordinator restarted, the network dropped),
+the worker rejoins with the same id, retrying with backoff for at most `reconnect_timeout_s`;
+the coordinator's Welcome (or a Restore before a Round) rebuilds its state from the mirror.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from threepc.common import codec, config as config_mod
+from threepc.common import codec
+from threepc.common import config as config_mod
 from threepc.common.engine import WorkerNode, load_data, load_shard, local_problem
 from threepc.common.errors import (
     AuthError,
     DecodeError,
+    DivergedError,
+    MismatchError,
     ProtocolError,
     ThreePCError,
     TransportError,
 )
-from threepc.common.wire import TRAIN_METHOD, Meter, Reassembler, category_of, channel_options, frames
+from threepc.common.wire import (
+    TRAIN_METHOD,
+    Meter,
+    Reassembler,
+    category_of,
+    channel_options,
+    frames,
+)
 from threepc.proto.threepc_pb2 import CoordinatorMessage as ProtoCoordinatorMessage
 from threepc.proto.threepc_pb2 import Join as ProtoJoin
 from threepc.proto.threepc_pb2 import Ready as ProtoReady
+from threepc.proto.threepc_pb2 import Restore as ProtoRestore
 from threepc.proto.threepc_pb2 import WorkerMessage as ProtoWorkerMessage
+from threepc.server import tls
+from threepc.server.checkpoint import restore_from_proto
 
 log = logging.getLogger("threepc.worker")
 
@@ -40,6 +59,7 @@ _ERRORS = {
     grpc.StatusCode.UNAUTHENTICATED: AuthError,
     grpc.StatusCode.INVALID_ARGUMENT: DecodeError,
     grpc.StatusCode.FAILED_PRECONDITION: ProtocolError,
+    grpc.StatusCode.ABORTED: DivergedError,  # the run itself failed: nothing to rejoin
 }
 
 
@@ -53,33 +73,107 @@ class WorkerOptions:
     token: str = ""
     connect_timeout_s: float = 60.0
     report: Path | None = None  # where to write this worker's meter (JSON) at the end
+    reconnect_timeout_s: float = 60.0  # after a broken stream: how long to keep trying to rejoin
+    tls_ca: Path | None = None  # PEM of the CA that signed the coordinator's certificate: use TLS
+    throttle_s: float = 0.0  # fault drills: wait this long before each update (a straggler)
+    throttle_rounds: frozenset[int] | None = None  # ... only in these rounds (None: every round)
 
 
-async def wait_for_coordinator(channel: grpc.aio.Channel, address: str, timeout_s: float) -> None:
-    """Wait until the channel connects, retrying with exponential backoff, or give up clearly."""
+@dataclass
+class _Session:
+    """What outlives one stream: the worker's id, its problem (data loaded once), its node."""
+
+    worker_id: int
+    config_json: str = ""
+    node: WorkerNode | None = None
+    rounds: int = 0  # updates sent, over all streams
+    trained: bool = False  # this stream got past Ready: a break now is worth rejoining
+    rows: int = 0
+    streams: int = 0
+    restores: int = 0
+    meter: Meter = field(default_factory=Meter)
+
+
+async def wait_for_coordinator(
+    channel: grpc.aio.Channel, address: str, timeout_s: float, tls_on: bool = False
+) -> None:
+    """Wait until the coordinator answers its health check, retrying with exponential backoff.
+
+    A failed TLS handshake is not worth retrying: it raises at once, saying what is wrong.
+    """
     deadline = time.monotonic() + timeout_s
     delay = 0.1
+    stub = health_pb2_grpc.HealthStub(channel)
+    closed = False  # some attempt connected and was hung up on: a TLS port, for a plaintext client
     while True:
+        remaining = deadline - time.monotonic()
         try:
-            await asyncio.wait_for(channel.channel_ready(), min(delay, max(deadline - time.monotonic(), 0.01)))
+            await stub.Check(health_pb2.HealthCheckRequest(), timeout=max(min(remaining, 5.0), 0.05))
             return
-        except asyncio.TimeoutError:
-            if time.monotonic() >= deadline:
-                raise TransportError(f"no coordinator answered at {address} within {timeout_s:g} s") from None
-            log.info("coordinator at %s not up yet; retrying in %.1f s", address, delay)
-            delay = min(delay * 2, 5.0)
+        except grpc.aio.AioRpcError as err:
+            if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return  # something answers (a coordinator without the health service)
+            details = err.details() or ""
+            closed = closed or "socket closed" in details.lower()
+            failure = tls.handshake_failure(details, address, tls_on)
+            if failure is not None:
+                raise failure from None
+        if time.monotonic() + delay >= deadline:
+            hint = ""
+            if not tls_on and closed:
+                hint = " (it closed the connection: if it serves TLS, give --tls-ca)"
+            raise TransportError(f"no coordinator answered at {address} within {timeout_s:g} s{hint}")
+        log.info("coordinator at %s not up yet; retrying in %.1f s", address, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+def _channel(options: WorkerOptions, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
+    channel_opts = channel_options(1 << 30)
+    if credentials is None:
+        return grpc.aio.insecure_channel(options.coordinator, options=channel_opts)
+    return grpc.aio.secure_channel(options.coordinator, credentials, options=channel_opts)
 
 
 async def run_worker(options: WorkerOptions) -> dict:
-    """Join the run, train until Done, and return this worker's summary (its meter included)."""
-    meter = Meter()
-    async with grpc.aio.insecure_channel(options.coordinator, options=channel_options(1 << 30)) as channel:
-        await wait_for_coordinator(channel, options.coordinator, options.connect_timeout_s)
-        call = channel.stream_stream(TRAIN_METHOD)()
+    """Join the run, train until Done, and return this worker's summary (its meter included).
+
+    A stream that breaks after the worker has trained is rejoined with the same id, for at most
+    `reconnect_timeout_s` from the break; a refusal (token, dimension) ends the worker at once.
+    """
+    credentials = tls.channel_credentials(options.tls_ca) if options.tls_ca else None
+    session = _Session(options.worker_id)
+    rejoin_until: float | None = None
+    delay = 0.2
+    while True:
+        timeout = options.connect_timeout_s if rejoin_until is None else max(rejoin_until - time.monotonic(), 0.1)
+        session.trained = False
         try:
-            return await _train(call, options, meter)
-        except grpc.aio.AioRpcError as err:
-            raise _translate(err.code(), err.details(), options.coordinator) from None
+            async with _channel(options, credentials) as channel:
+                await wait_for_coordinator(channel, options.coordinator, timeout, credentials is not None)
+                call = channel.stream_stream(TRAIN_METHOD)()
+                try:
+                    return await _train(call, options, session)
+                except grpc.RpcError as err:
+                    code = err.code() if isinstance(err, grpc.aio.AioRpcError) else grpc.StatusCode.UNKNOWN
+                    details = err.details() if isinstance(err, grpc.aio.AioRpcError) else str(err)
+                    raise _translate(code, details, options.coordinator) from None
+        except (AuthError, MismatchError, DivergedError):
+            raise  # refused, or the run failed: rejoining would not help
+        except ThreePCError as err:
+            if session.trained:
+                rejoin_until = time.monotonic() + options.reconnect_timeout_s  # a fresh budget per break
+                delay = 0.2
+            if rejoin_until is None:
+                raise  # it never trained: a first join that fails says why, once
+            if time.monotonic() >= rejoin_until:
+                raise TransportError(
+                    f"worker {session.worker_id} lost the coordinator at {options.coordinator} and could not "
+                    f"rejoin within {options.reconnect_timeout_s:g} s: {err}"
+                ) from None
+            log.warning("worker %d: stream broke (%s); rejoining in %.1f s", session.worker_id, err, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def _translate(code: grpc.StatusCode, details: str | None, address: str) -> ThreePCError:
@@ -90,60 +184,100 @@ def _translate(code: grpc.StatusCode, details: str | None, address: str) -> Thre
     return cls(f"coordinator refused: {details or code.name}")
 
 
-async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, meter: Meter) -> dict:
+def _restore(node: WorkerNode, proto: ProtoRestore) -> None:
+    """Rebuild the node's mechanism state from the coordinator's mirror (or start afresh)."""
+    restored = restore_from_proto(proto, node.problem.dim)
+    if restored is None:
+        node.state = None
+    else:
+        node.restore(*restored)
+
+
+async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, session: _Session) -> dict:
+    meter = session.meter
     inbound: Reassembler = Reassembler(ProtoCoordinatorMessage, meter, 1 << 30)
+
+    async def ended() -> ThreePCError:
+        """Why the coordinator ended the stream (its status)."""
+        code = await call.code()
+        if code != grpc.StatusCode.OK:
+            return _translate(code, await call.details(), options.coordinator)
+        return TransportError("the coordinator closed the stream before the run was done")
 
     async def send(message: ProtoWorkerMessage, chunk_bytes: int) -> None:
         for data in frames(message, chunk_bytes):
-            await call.write(data)
+            try:
+                await call.write(data)
+            except asyncio.InvalidStateError:  # the coordinator ended the stream meanwhile
+                raise await ended() from None
             meter.count_sent(category_of(message), len(data))
 
     async def receive() -> ProtoCoordinatorMessage:
         while True:
             data = await call.read()
             if data is grpc.aio.EOF:
-                code = await call.code()
-                if code != grpc.StatusCode.OK:
-                    raise _translate(code, await call.details(), options.coordinator)
-                raise TransportError("the coordinator closed the stream before the run was done")
+                raise await ended()
             message = inbound.feed(data)
             if message is not None:
                 return message
 
-    await send(ProtoWorkerMessage(join=ProtoJoin(requested_id=options.worker_id, token=options.token, version=VERSION)), 1 << 20)
+    session.streams += 1
+    join = ProtoJoin(requested_id=session.worker_id, token=options.token, version=VERSION)
+    await send(ProtoWorkerMessage(join=join), 1 << 20)
     first = await receive()
     if first.WhichOneof("kind") != "welcome":
         raise ProtocolError(f"expected welcome, got {first.WhichOneof('kind')}")
     welcome = first.welcome
-    config = config_mod.from_json(welcome.config_json)
-    worker_id = welcome.worker_id
-    shard = load_shard(config, worker_id, load_data(config, options.data))
-    problem = local_problem(config, shard, worker_id)
-    node = WorkerNode(config, worker_id, problem)
-    chunk = config.wire.chunk_bytes
+    node = session.node
+    if node is None or node.worker_id != welcome.worker_id or session.config_json != welcome.config_json:
+        config = config_mod.from_json(welcome.config_json)
+        shard = load_shard(config, welcome.worker_id, load_data(config, options.data))
+        node = WorkerNode(config, welcome.worker_id, local_problem(config, shard, welcome.worker_id))
+        session.node, session.config_json = node, welcome.config_json
+    session.worker_id = worker_id = welcome.worker_id
+    problem = node.problem
+    if welcome.HasField("restore"):
+        _restore(node, welcome.restore)
+        session.restores += 1
+    else:
+        node.state = None  # the mirror holds nothing of this worker: its first round starts afresh
+    chunk = node.config.wire.chunk_bytes
     await send(ProtoWorkerMessage(ready=ProtoReady(rows=problem.rows, dimension=problem.dim)), chunk)
-    log.info("worker %d: %d rows, d = %d", worker_id, problem.rows, problem.dim)
-    rounds = 0
+    log.info("worker %d: %d rows, d = %d, from round %d", worker_id, problem.rows, problem.dim, welcome.start_round)
     while True:
         message = await receive()
         kind = message.WhichOneof("kind")
+        session.trained = True
         if kind == "done":
             break
+        if kind == "restore":
+            _restore(node, message.restore)
+            session.restores += 1
+            continue
         if kind != "round":
-            raise ProtocolError(f"expected round or done, got {kind}")
+            raise ProtocolError(f"expected round, restore or done, got {kind}")
         t = message.round.round
         x = codec.iterate_from_proto(message.round, problem.dim)
         update, diagnostics = node.round(t, x)
+        if options.throttle_s and (options.throttle_rounds is None or t in options.throttle_rounds):
+            await asyncio.sleep(options.throttle_s)
         await send(ProtoWorkerMessage(update=codec.message_to_proto(t, worker_id, update)), chunk)
         if diagnostics is not None:
             await send(
                 ProtoWorkerMessage(diagnostics=codec.diagnostics_to_proto(t, worker_id, *diagnostics)), chunk
             )
-        rounds += 1
-    await call.done_writing()
-    summary = {"worker_id": worker_id, "rows": problem.rows, "rounds": rounds, "meter": meter.as_dict()}
+        session.rounds += 1
+    with contextlib.suppress(asyncio.InvalidStateError):  # the coordinator may have ended it already
+        await call.done_writing()
+    summary = {
+        "worker_id": worker_id,
+        "rows": problem.rows,
+        "rounds": session.rounds,
+        "streams": session.streams,
+        "restores": session.restores,
+        "meter": meter.as_dict(),
+    }
     if options.report is not None:
         options.report.parent.mkdir(parents=True, exist_ok=True)
         options.report.write_text(json.dumps(summary, indent=2))
     return summary
-

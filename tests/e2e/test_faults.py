@@ -1,0 +1,380 @@
+"""Worker and coordinator faults: stragglers, dead workers, rejoins, SIGTERM and --resume.
+
+Two kinds of test: real gRPC in this process (a Coordinator and `run_worker` tasks on loopback:
+exact control of timing, a few seconds each), and real processes through the CLI as a user runs
+them. Each checks the run's final iterate against `reference_x`: the in-process engine replaying
+the rounds with the same workers absent and the same restores from the mirror. So "the aggregate
+stays correct" and "the worker's state stays consistent with the mirror" are checked bit for bit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import read_rows, threepc, write_config
+from threepc.common import config as config_mod
+from threepc.common.engine import (
+    Aggregator,
+    Plan,
+    WorkerNode,
+    load_data,
+    load_shard,
+    local_problem,
+    plan,
+)
+from threepc.server.coordinator import Coordinator, start_server
+from threepc.worker.client import WorkerOptions, run_worker
+
+pytestmark = pytest.mark.e2e
+
+SYNTHETIC = '[data]\ndataset = "synthetic"\nrows = 200\ndim = 10\n'
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def make_plan(text: str) -> Plan:
+    import tomllib
+
+    return plan(config_mod.parse(tomllib.loads(text)))
+
+
+def reference_x(the_plan: Plan, rows: list[dict[str, Any]]) -> np.ndarray:
+    """x after `rows`, replayed in process: each row's absent workers skipped, and a worker that
+    missed a round restored from the mirror (WorkerNode.restore) before its next one."""
+    config = the_plan.resolved
+    full = load_data(config)
+    nodes = [WorkerNode(config, i, local_problem(config, load_shard(config, i, full), i)) for i in range(config.workers)]
+    agg = Aggregator(the_plan)
+    synced = [0] * config.workers
+    for row in rows:
+        t = row["round"]
+        assert t == agg.t
+        absent = set(row["absent_workers"])
+        for node in nodes:
+            i = node.worker_id
+            if i in absent:
+                continue
+            if synced[i] != t:
+                if agg.meters[i].messages == 0 or agg.x_prev is None:
+                    node.state = None
+                else:
+                    node.restore(agg.mirrors[i], agg.x_prev)
+            message, diagnostics = node.round(t, agg.x)
+            agg.apply(i, message)
+            if diagnostics is not None:
+                agg.add_diagnostics(*diagnostics)
+            synced[i] = t + 1
+        agg.finish_round(sorted(absent))
+    return agg.x
+
+
+@contextlib.asynccontextmanager
+async def on_loopback(the_plan: Plan, **kwargs: Any) -> AsyncIterator[tuple[Coordinator, str]]:
+    """A Coordinator served on a loopback port; yields it and its address."""
+    credentials = kwargs.pop("credentials", None)
+    host = kwargs.pop("host", "127.0.0.1")
+    coordinator = Coordinator(the_plan, **kwargs)
+    server, port = await start_server(coordinator, "127.0.0.1:0", credentials=credentials)
+    try:
+        yield coordinator, f"{host}:{port}"
+    finally:
+        await server.stop(0.5)
+
+
+def worker(address: str, worker_id: int, **kwargs: Any) -> WorkerOptions:
+    kwargs.setdefault("connect_timeout_s", 30.0)
+    kwargs.setdefault("reconnect_timeout_s", 30.0)
+    return WorkerOptions(address, worker_id, **kwargs)
+
+
+async def wait_until(predicate: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.01)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_rows(out: Path, count: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = out / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= count):
+        assert proc.poll() is None, f"exited early with {proc.returncode}"
+        assert time.monotonic() < deadline, f"fewer than {count} rows after {timeout} s"
+        time.sleep(0.02)
+
+
+def spawn(*args: str, env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen:
+    with open(log or os.devnull, "wb") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "threepc.server.cli", *args],
+            stdout=out, stderr=out, env={**os.environ, **(env or {})},
+        )
+
+
+# ---------------------------------------------------------------------- stragglers (in process)
+
+
+def test_a_straggler_does_not_stall_the_round_and_is_resynced_from_the_mirror() -> None:
+    the_plan = make_plan(
+        f'workers = 2\nrounds = 9\nseed = 3\nmethod = "ef21"\nround_timeout_s = 0.5\n'
+        f'compressor = {{ name = "top_k", k = 2 }}\n{SYNTHETIC}'
+    )
+
+    async def main() -> tuple[Coordinator, list[dict], float]:
+        async with on_loopback(the_plan) as (c, address):
+            started = time.monotonic()
+            _, _, slow = await asyncio.gather(
+                c.run(),
+                run_worker(worker(address, 0)),
+                run_worker(worker(address, 1, throttle_s=1.2, throttle_rounds=frozenset({3}))),
+            )
+            return c, slow, time.monotonic() - started
+
+    c, slow, elapsed = asyncio.run(main())
+    rows = c.rows
+    assert [r["round"] for r in rows] == list(range(9))
+    # Round 3 closed at its deadline without the straggler; it was named, and its stale update refused.
+    assert rows[3]["late_workers"] == [1] and rows[3]["absent_workers"] == [1]
+    assert all(r["late_workers"] == [] for r in rows[:3])
+    assert rows[-1]["late_workers"] == [] and rows[-1]["absent_workers"] == []
+    assert c.late[1] >= 1 and c.late[0] == 0
+    assert c.agg.meters[1].absent == sum(1 in r["absent_workers"] for r in rows) >= 1
+    assert slow["restores"] >= 1  # it got its state back from the mirror before rejoining the rounds
+    assert elapsed < 1.2 * 9  # a slow worker costs a deadline, not its own delay, per round
+    # Its state stayed consistent with the mirror: the run equals the replay bit for bit.
+    assert np.array_equal(c.agg.x, reference_x(the_plan, rows))
+
+
+# ---------------------------------------------------------------------- absent policies (in process)
+
+
+@pytest.mark.parametrize("policy", ["drop", "wait"])
+def test_marina_with_a_worker_gone_follows_the_absent_policy(policy: str) -> None:
+    the_plan = make_plan(
+        f'workers = 2\nrounds = 30\nseed = 5\nmethod = "marina"\nabsent_policy = "{policy}"\n'
+        f'round_timeout_s = 0.3\ncompressor = {{ name = "rand_k", k = 3 }}\n{SYNTHETIC}'
+    )
+
+    async def main() -> tuple[Coordinator, dict]:
+        async with on_loopback(the_plan) as (c, address):
+            run = asyncio.ensure_future(c.run())
+            w0 = asyncio.ensure_future(run_worker(worker(address, 0, throttle_s=0.03)))
+            w1 = asyncio.ensure_future(run_worker(worker(address, 1, throttle_s=0.03)))
+            await wait_until(lambda: c.agg.t >= 3)
+            t_cancel = c.agg.t
+            w1.cancel()  # its stream breaks, as if its process died
+            with contextlib.suppress(asyncio.CancelledError):
+                await w1
+            if policy == "drop":
+                await wait_until(lambda: c.agg.t >= t_cancel + 3)  # rounds close without it
+            else:
+                await asyncio.sleep(0.8)  # more than two deadlines pass without it
+                assert c.agg.t <= t_cancel + 1  # "wait" closed no round without it
+            rejoined = await asyncio.gather(run, w0, run_worker(worker(address, 1, throttle_s=0.03)))
+            return c, rejoined[2]
+
+    c, rejoined = asyncio.run(main())
+    rows = c.rows
+    absent_rows = [r["round"] for r in rows if r["absent_workers"]]
+    if policy == "drop":
+        assert absent_rows and all(r["absent_workers"] == [1] for r in rows if r["absent_workers"])
+    else:
+        assert absent_rows == []  # every round waited for worker 1 to come back
+    assert rejoined["restores"] >= 1  # MARINA's (h, y) rebuilt from the mirror on rejoining
+    assert np.array_equal(c.agg.x, reference_x(the_plan, rows))
+
+
+# ---------------------------------------------------------------------- dead workers (processes)
+
+
+def test_a_worker_killed_mid_run_is_absent_then_rejoins_with_its_state(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "c.toml",
+        f'workers = 3\nrounds = 40\nseed = 11\nmethod = {{ name = "clag", zeta = 1.0 }}\n'
+        f'round_timeout_s = 10\ncompressor = {{ name = "top_k", k = 2 }}\n{SYNTHETIC}',
+    )
+    out, port = tmp_path / "out", free_port()
+    server = spawn("serve", str(config), "--listen", f"127.0.0.1:{port}", "--out", str(out), "-q",
+                   "--no-dashboard", log=tmp_path / "serve.log")
+    address = f"127.0.0.1:{port}"
+    workers = [spawn("worker", "-c", address, "--worker-id", str(i), "--throttle", "0.04",
+                     "--report", str(tmp_path / f"w{i}.json")) for i in range(3)]
+    try:
+        wait_for_rows(out, 8, server)
+        workers[2].send_signal(signal.SIGKILL)
+        workers[2].wait(10)
+        wait_for_rows(out, 16, server)
+        again = spawn("worker", "-c", address, "--worker-id", "2", "--throttle", "0.04",
+                      "--report", str(tmp_path / "w2.json"))
+        assert server.wait(120) == 0, (tmp_path / "serve.log").read_text()
+        assert again.wait(30) == 0 and workers[0].wait(30) == 0 and workers[1].wait(30) == 0
+    finally:
+        for p in [server, *workers]:
+            p.kill()
+    rows = read_rows(out)
+    gone = [r["round"] for r in rows if r["absent_workers"]]
+    assert gone and all(r["absent_workers"] == [2] for r in rows if r["absent_workers"])
+    assert rows[-1]["absent_workers"] == []  # it rejoined before the end
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["per_worker"][2]["absent"] == len(gone)
+    assert json.loads((tmp_path / "w2.json").read_text())["restores"] == 1
+    # CLAG's state (h, y) came back from the mirror exactly: the run equals the replay.
+    the_plan = plan(config_mod.load(config))
+    assert np.array_equal(np.load(out / "x_final.npy"), reference_x(the_plan, rows))
+
+
+def test_threepc_run_goes_on_when_a_worker_dies(tmp_path: Path) -> None:
+    import psutil
+
+    config = write_config(
+        tmp_path / "c.toml",
+        f'workers = 3\nrounds = 60\nmethod = "ef21"\ncompressor = {{ name = "top_k", k = 2 }}\n{SYNTHETIC}',
+    )
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "threepc.server.cli", "run", str(config), "--out", str(out), "-q", "--no-dashboard"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "THREEPC_THROTTLE": "0.03"},
+    )
+    try:
+        wait_for_rows(out, 10, proc)
+        victim = next(c for c in psutil.Process(proc.pid).children() if "1" == c.cmdline()[c.cmdline().index("--worker-id") + 1])
+        victim.send_signal(signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "worker 1 exited with code -9" in stderr and "the run goes on without it" in stderr
+    rows = read_rows(out)
+    assert len(rows) == 60 and rows[-1]["absent_workers"] == [1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["per_worker"][1]["absent"] == sum(1 in r["absent_workers"] for r in rows) > 0
+
+
+# ---------------------------------------------------------------------- coordinator faults (processes)
+
+
+def test_sigterm_then_resume_reaches_the_uninterrupted_iterate(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "c.toml",
+        f'workers = 2\nrounds = 40\nseed = 2\nmethod = "ef21"\ncheckpoint_every = 5\n'
+        f'compressor = {{ name = "top_k", k = 2 }}\n{SYNTHETIC}',
+    )
+    out, port = tmp_path / "out", free_port()
+    address = f"127.0.0.1:{port}"
+    serve = ["--listen", address, "-q", "--no-dashboard"]
+    server = spawn("serve", str(config), "--out", str(out), *serve, log=tmp_path / "serve1.log")
+    workers = [spawn("-v", "worker", "-c", address, "--worker-id", str(i), "--throttle", "0.03",
+                     "--reconnect-timeout", "60", "--report", str(tmp_path / f"w{i}.json"),
+                     log=tmp_path / f"w{i}.log") for i in range(2)]
+    try:
+        wait_for_rows(out, 12, server)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 143
+        said = (tmp_path / "serve1.log").read_text()
+        assert f"continue with: threepc serve --resume {out}" in said
+        assert (out / "checkpoint.npz").exists() and not (out / "checkpoint.npz.tmp").exists()
+        stopped_at = len(read_rows(out))
+        assert 12 <= stopped_at < 40
+        resumed = spawn("serve", "--resume", str(out), *serve, log=tmp_path / "serve2.log")
+        assert resumed.wait(60) == 0, (tmp_path / "serve2.log").read_text()
+        assert all(w.wait(30) == 0 for w in workers)
+    finally:
+        for p in [server, *workers]:
+            p.kill()
+    rows = read_rows(out)
+    assert [r["round"] for r in rows] == list(range(40))  # rows after the checkpoint replaced, none twice
+    assert all(r["absent_workers"] == [] for r in rows)
+    for i in range(2):
+        report = json.loads((tmp_path / f"w{i}.json").read_text())
+        assert report["streams"] >= 2 and report["restores"] >= 1  # rejoined, state from the mirror
+    reference = tmp_path / "ref"
+    r = threepc("run", str(config), "--in-process", "--out", str(reference), "-q")
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.load(out / "x_final.npy"), np.load(reference / "x_final.npy"))
+
+
+# ---------------------------------------------------------------------- load (processes)
+
+
+def fork_workers(address: str, n: int, reports: str) -> int:
+    """Fork n worker processes, each running `run_worker` on its own stream; how many failed.
+
+    The parent imports numpy, scipy and grpc once and creates no channel before forking, so
+    each child is a fresh gRPC client; 100 interpreters importing them take ~100 s on 2 cores.
+    """
+    pids = []
+    for i in range(n):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                options = worker(address, i, connect_timeout_s=120, report=Path(reports) / f"{i}.json")
+                asyncio.run(run_worker(options))
+                code = 0
+            except BaseException as err:  # noqa: BLE001 - a forked child reports and exits
+                print(f"worker {i}: {err!r}", file=sys.stderr, flush=True)
+            os._exit(code)
+        pids.append(pid)
+    return sum(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0 for pid in pids)
+
+
+def test_a_hundred_worker_processes_are_all_received_and_metered(tmp_path: Path) -> None:
+    """100 worker processes against one `threepc serve`; every message metered on both ends.
+
+    About 10 s on 2 cores (the workers are forked from one interpreter: `fork_workers`).
+    """
+    from tests.conftest import ROOT
+
+    n, rounds = 100, 3
+    config = write_config(
+        tmp_path / "c.toml",
+        f'workers = {n}\nrounds = {rounds}\nmethod = "ef21"\ndiagnostics_every = 1000\nround_timeout_s = 120\n'
+        f'compressor = {{ name = "top_k", k = 2 }}\n[data]\ndataset = "synthetic"\nrows = {2 * n}\ndim = 10\n',
+    )
+    out, port = tmp_path / "out", free_port()
+    server = spawn("serve", str(config), "--listen", f"127.0.0.1:{port}", "--out", str(out), "-q",
+                   "--no-dashboard", log=tmp_path / "serve.log")
+    reports = tmp_path / "reports"
+    script = f"import sys; from tests.e2e.test_faults import fork_workers; " \
+             f"sys.exit(fork_workers('127.0.0.1:{port}', {n}, {str(reports)!r}))"
+    workers = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    try:
+        assert workers.returncode == 0, workers.stderr[-3000:]
+        assert server.wait(60) == 0, (tmp_path / "serve.log").read_text()
+    finally:
+        server.kill()
+    rows = read_rows(out)
+    assert len(rows) == rounds and all(r["absent_workers"] == [] and r["refused"] == 0 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["per_worker"]) == n
+    for entry in summary["per_worker"]:
+        report = json.loads((reports / f"{entry['worker_id']}.json").read_text())
+        mine, theirs = entry["meter"], report["meter"]
+        # Join + ready + 3 updates + round 0's diagnostics up; welcome + 3 rounds + done down.
+        assert theirs["messages_sent"] == mine["messages_received"] == 2 + rounds + 1
+        assert theirs["messages_received"] == mine["messages_sent"] == 1 + rounds + 1
+        assert theirs["sent_bytes"] == mine["received_bytes"] and theirs["received_bytes"] == mine["sent_bytes"]
+        assert entry["absent"] == 0 and report["rounds"] == rounds
+    assert rows[-1]["wire_bytes_up"] == sum(e["meter"]["received_bytes"]["round"] for e in summary["per_worker"])

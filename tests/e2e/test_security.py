@@ -1,0 +1,268 @@
+"""Hostile input and limits: tokens, spoofed ids, malformed and oversize messages, TLS, health.
+
+Most run real gRPC in this process (a Coordinator on loopback, and a raw stream that sends what a
+hostile client would); one runs the CLI with TLS and a token as a user would. Certificates are
+throwaway ones from `trustme`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import threepc, write_config
+from tests.e2e.test_faults import (
+    SYNTHETIC,
+    free_port,
+    make_plan,
+    on_loopback,
+    reference_x,
+    spawn,
+    worker,
+)
+from threepc.common.errors import AuthError, TransportError
+from threepc.common.wire import TRAIN_METHOD
+from threepc.proto.threepc_pb2 import (
+    CoordinatorMessage,
+    DenseVector,
+    Join,
+    Part,
+    Ready,
+    Update,
+    WorkerMessage,
+)
+from threepc.server.coordinator import Coordinator
+from threepc.worker.client import run_worker
+
+pytestmark = pytest.mark.e2e
+
+trustme = pytest.importorskip("trustme")
+
+CONFIG = f'workers = 2\nrounds = 30\nseed = 1\nmethod = "ef21"\ncompressor = {{ name = "top_k", k = 2 }}\n{SYNTHETIC}'
+
+
+class RawClient:
+    """One Train stream that sends whatever it is told, as a hostile client would."""
+
+    def __init__(self, address: str):
+        self.channel = grpc.aio.insecure_channel(address)
+        self.call = self.channel.stream_stream(TRAIN_METHOD)()
+
+    async def send(self, message: WorkerMessage | bytes) -> None:
+        await self.call.write(message if isinstance(message, bytes) else message.SerializeToString())
+
+    async def receive(self) -> CoordinatorMessage:
+        data = await self.call.read()
+        assert data is not grpc.aio.EOF
+        return CoordinatorMessage.FromString(data)
+
+    async def status(self) -> tuple[grpc.StatusCode, str]:
+        """Read until the coordinator ends the stream; its status."""
+        try:
+            while await self.call.read() is not grpc.aio.EOF:
+                pass
+        except grpc.aio.AioRpcError:
+            pass
+        return await self.call.code(), await self.call.details() or ""
+
+    async def join(self, worker_id: int, token: str = "", dim: int = 10) -> CoordinatorMessage:
+        """Join and get ready; returns the first Round."""
+        await self.send(WorkerMessage(join=Join(requested_id=worker_id, token=token)))
+        assert (await self.receive()).WhichOneof("kind") == "welcome"
+        await self.send(WorkerMessage(ready=Ready(rows=100, dimension=dim)))
+        return await self.receive()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def dense_update(t: int, worker_id: int, values: bytes) -> WorkerMessage:
+    part = Part(dense=DenseVector(dtype=2, values=values))  # FLOAT32
+    return WorkerMessage(update=Update(round=t, worker_id=worker_id, parts=[part]))
+
+
+# ---------------------------------------------------------------------- tokens
+
+
+def test_a_wrong_token_is_refused_before_any_gradient() -> None:
+    the_plan = make_plan(CONFIG)
+
+    async def main() -> tuple[Coordinator, grpc.StatusCode, str]:
+        async with on_loopback(the_plan, token="s3cret") as (c, address):
+            raw = RawClient(address)
+            await raw.send(WorkerMessage(join=Join(requested_id=0, token="guess")))
+            await raw.send(dense_update(0, 0, np.ones(10, "<f4").tobytes()))  # never read
+            code, details = await raw.status()
+            await raw.close()
+            with pytest.raises(AuthError, match="join token missing or wrong"):
+                await run_worker(worker(address, 1))  # no token at all
+            return c, code, details
+
+    c, code, details = asyncio.run(main())
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "join token" in details
+    assert c.links == {} and all(m.messages == 0 for m in c.agg.meters)
+
+
+# ---------------------------------------------------------------------- malformed input
+
+
+@pytest.mark.parametrize(
+    "what, bad",
+    [
+        ("wrong length", lambda t: dense_update(t, 1, b"\x00" * 12)),
+        ("NaN", lambda t: dense_update(t, 1, np.full(10, np.nan, "<f4").tobytes())),
+        ("another worker's id", lambda t: dense_update(t, 0, np.ones(10, "<f4").tobytes())),
+        ("not protobuf", lambda t: b"\xff\xff\xff\xff"),
+    ],
+)
+def test_a_malformed_update_is_refused_counted_and_its_worker_may_rejoin(what: str, bad: Any) -> None:
+    the_plan = make_plan(CONFIG)
+
+    async def main() -> tuple[Coordinator, grpc.StatusCode, np.ndarray]:
+        async with on_loopback(the_plan) as (c, address):
+            run = asyncio.ensure_future(c.run())
+            honest = asyncio.ensure_future(run_worker(worker(address, 0, throttle_s=0.02)))
+            raw = RawClient(address)
+            first = await raw.join(1)
+            assert first.WhichOneof("kind") == "round" and first.round.round == 0
+            mirror_before = c.agg.mirrors[1].copy()
+            await raw.send(bad(0))
+            code, _ = await raw.status()
+            await raw.close()
+            await asyncio.gather(run, honest, run_worker(worker(address, 1)))  # worker 1 comes back
+            return c, code, mirror_before
+
+    c, code, mirror_before = asyncio.run(main())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert c.refused == [0, 1]
+    rows = c.rows
+    assert rows[0]["refused"] == 1 and sum(r["refused"] for r in rows) == 1
+    assert not mirror_before.any()
+    assert rows[-1]["absent_workers"] == []  # the worker rejoined (in round 0 itself, if it was quick)
+    # The whole run equals the replay with worker 1 absent where the rows say: nothing leaked in.
+    assert np.array_equal(c.agg.x, reference_x(the_plan, rows))
+
+
+def test_an_oversize_message_is_refused_and_counted() -> None:
+    the_plan = make_plan(CONFIG + "[wire]\nmax_message_bytes = 65536\n")
+
+    async def main() -> tuple[Coordinator, grpc.StatusCode, str]:
+        async with on_loopback(the_plan) as (c, address):
+            run = asyncio.ensure_future(c.run())
+            honest = asyncio.ensure_future(run_worker(worker(address, 0, throttle_s=0.02)))
+            raw = RawClient(address)
+            await raw.join(1)
+            await raw.send(dense_update(0, 1, b"\x00" * 100_000))  # over 64 KiB
+            code, details = await raw.status()
+            await raw.close()
+            await asyncio.gather(run, honest, run_worker(worker(address, 1)))
+            return c, code, details
+
+    c, code, details = asyncio.run(main())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "over the limit of 65536 bytes" in details
+    assert c.refused == [0, 1] and c.rows[0]["refused"] == 1
+    assert np.array_equal(c.agg.x, reference_x(c.plan, c.rows))  # nothing of it reached the aggregate
+
+
+def test_health_is_served() -> None:
+    the_plan = make_plan(CONFIG)
+
+    async def main() -> int:
+        async with on_loopback(the_plan) as (_, address), grpc.aio.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service="threepc.v1.Coordinator"))
+            return reply.status
+
+    assert asyncio.run(main()) == health_pb2.HealthCheckResponse.SERVING
+
+
+# ---------------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("tls")
+    ca, other = trustme.CA(), trustme.CA()
+    cert = ca.issue_cert("localhost")
+    paths = {name: folder / f"{name}.pem" for name in ("ca", "other_ca", "cert", "key")}
+    ca.cert_pem.write_to_path(paths["ca"])
+    other.cert_pem.write_to_path(paths["other_ca"])
+    cert.cert_chain_pems[0].write_to_path(paths["cert"])
+    cert.private_key_pem.write_to_path(paths["key"])
+    return paths
+
+
+def test_tls_trusts_only_its_ca_and_host(certificates: dict[str, Path]) -> None:
+    from threepc.server.tls import server_credentials
+
+    the_plan = make_plan(CONFIG.replace("rounds = 30", "rounds = 3").replace("workers = 2", "workers = 1"))
+    credentials = server_credentials(certificates["cert"], certificates["key"])
+
+    async def main() -> tuple[list[str], dict]:
+        errors = []
+        async with on_loopback(the_plan, credentials=credentials, host="localhost") as (c, address):
+            port = address.rsplit(":", 1)[1]
+            for host, ca in [("localhost", "other_ca"), ("127.0.0.1", "ca"), ("localhost", None)]:
+                try:
+                    tls_ca = certificates[ca] if ca else None
+                    await run_worker(worker(f"{host}:{port}", 0, tls_ca=tls_ca, connect_timeout_s=2))
+                except TransportError as err:
+                    errors.append(str(err))
+            run = asyncio.ensure_future(c.run())
+            ok = await run_worker(worker(address, 0, tls_ca=certificates["ca"]))
+            await run
+            return errors, ok
+
+    errors, ok = asyncio.run(main())
+    assert "TLS handshake with localhost:" in errors[0] and "not signed by the CA given with --tls-ca" in errors[0]
+    assert "does not name the host in 127.0.0.1:" in errors[1]
+    assert "within 2 s (it closed the connection: if it serves TLS, give --tls-ca)" in errors[2]
+    assert ok["rounds"] == 3
+
+
+def test_cli_serves_tls_with_a_token_and_says_what_is_wrong_in_one_line(
+    certificates: dict[str, Path], tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "c.toml", CONFIG.replace("workers = 2", "workers = 1").replace("30", "3"))
+    port = free_port()
+    server = spawn("serve", str(config), "--listen", f"127.0.0.1:{port}", "--out", str(tmp_path / "o"), "-q",
+                   "--no-dashboard", "--tls-cert", str(certificates["cert"]), "--tls-key", str(certificates["key"]),
+                   env={"THREEPC_TOKEN": "s3cret"}, log=tmp_path / "serve.log")
+    address = f"localhost:{port}"
+    try:
+        wrong_token = threepc("worker", "-c", address, "--tls-ca", str(certificates["ca"]), "--token", "nope",
+                              timeout=60)
+        wrong_ca = threepc("worker", "-c", address, "--tls-ca", str(certificates["other_ca"]),
+                           "--token", "s3cret", timeout=60)
+        right = threepc("worker", "-c", address, "--tls-ca", str(certificates["ca"]), timeout=60,
+                        env={"THREEPC_TOKEN": "s3cret"})
+        assert server.wait(60) == 0, (tmp_path / "serve.log").read_text()
+    finally:
+        server.kill()
+    assert wrong_token.returncode == 1
+    assert wrong_token.stderr.strip().splitlines() == [
+        "threepc: error: coordinator refused: AuthError: join token missing or wrong"
+    ]
+    assert wrong_ca.returncode == 1
+    assert wrong_ca.stderr.strip().splitlines() == [
+        (
+            f"threepc: error: TLS handshake with {address} failed: the coordinator's certificate is not signed "
+            "by the CA given with --tls-ca, or names another host"
+        )
+    ]
+    assert right.returncode == 0, right.stderr
+
+
+def test_tls_needs_both_files(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.toml", CONFIG)
+    r = threepc("serve", str(config), "--tls-cert", str(tmp_path / "missing.pem"), "--out", str(tmp_path / "o"),
+                "-q", "--no-dashboard", timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == ["threepc: error: TLS needs both --tls-cert and --tls-key"]
+
