@@ -2,12 +2,21 @@
 
 A problem knows nothing of methods or the wire: `loss(x)`, `grad(x)` and `smoothness()` (L_i)
 on one worker's data. `make_problem` builds one from the run's problem config and a data shard.
+
+    logreg_nonconvex, logreg_l2, least_squares   linear models on the data shard (below)
+    quadratic     f_i(x) = 1/2 x^T A_i x - b_i^T x, generated from (seed, i) (CQ paper, App. D.3)
+    autoencoder   f(D, E) = (1/N) sum_a ||D E a - a||^2, in torch (threepc.common.torch_problems)
+    torch         any torch nn.Module with a loss, on the data shard (threepc.common.torch_problems)
+
+torch is optional: this module never imports it; building a torch problem does.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -20,8 +29,11 @@ from threepc.common.errors import ConfigError
 class Problem(Protocol):
     """f_i on one worker's data."""
 
-    dim: int
-    rows: int
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def rows(self) -> int: ...
 
     def loss(self, x: np.ndarray) -> float: ...
 
@@ -34,7 +46,7 @@ class Problem(Protocol):
     def row_smoothness(self) -> np.ndarray: ...
 
 
-def _lambda_max_gram(features: sp.csr_matrix) -> float:
+def lambda_max_gram(features: sp.csr_matrix | np.ndarray) -> float:
     """Largest eigenvalue of A^T A (dense eigensolver for small d, Lanczos otherwise)."""
     d = features.shape[1]
     if d <= 2048:
@@ -90,10 +102,13 @@ class _LinearModel:
         """(1/b) sum_{j in rows} w_j grad f_ij(x), with f_ij = phi(a_j^T x, y_j) + r(x)."""
         part = self.features[rows]
         _, slopes = self._phi(part @ x, self.labels[rows])
-        return np.asarray(part.T @ (weights * slopes)) / rows.size + float(np.mean(weights)) * self._reg(x)[1]
+        return (
+            np.asarray(part.T @ (weights * slopes)) / rows.size
+            + float(np.mean(weights)) * self._reg(x)[1]
+        )
 
     def smoothness(self) -> float:
-        return self.curvature * _lambda_max_gram(self.features) / self.rows + self.reg_smoothness()
+        return self.curvature * lambda_max_gram(self.features) / self.rows + self.reg_smoothness()
 
     def row_smoothness(self) -> np.ndarray:
         squared_norms = np.asarray(self.features.multiply(self.features).sum(axis=1)).ravel()
@@ -149,25 +164,248 @@ class LeastSquares(_LinearModel):
         return r * r, 2.0 * r
 
 
-PROBLEMS = {
-    "logreg_nonconvex": LogisticNonconvex,
-    "logreg_l2": LogisticL2,
-    "least_squares": LeastSquares,
+def tridiagonal_extremes(d: int) -> tuple[float, float]:
+    """Smallest and largest eigenvalues of T = tridiag(-1, 2, -1) (d x d): 4 sin^2(k pi / (2 (d + 1)))
+    for k = 1 and k = d (the sine form keeps the smallest one accurate at d = 1e6)."""
+    angle = math.pi / (2 * (d + 1))
+    return 4 * math.sin(angle) ** 2, 4 * math.sin(d * angle) ** 2
+
+
+@dataclass(frozen=True)
+class QuadraticFamily:
+    """The n quadratics of the CQ paper's Algorithm 5 (Appendix D.3, after Tyurin et al. 2022):
+
+        nu_i = 1 + s xi_i,  nu'_i = s xi'_i,  xi_i, xi'_i ~ N(0, 1) from the seed (seed, i)
+        c_i = (L/4) nu_i,   A_i = c_i T + shift I,   b_i = c_i (nu'_i - 1) e_1
+        shift = lam - lambda_min((1/n) sum_i c_i T)   (so that lambda_min(mean A) = lam)
+
+    with T = tridiag(-1, 2, -1) and s the noise scale. Every A_i is a multiple of the same T
+    plus the same shift, so the constants have closed forms in the extreme eigenvalues of T:
+    L_i = ||A_i||_2, L_- = ||mean A||_2 and the Hessian variance
+    L_pm^2 = lambda_max((1/n) sum A_i^2 - (mean A)^2) = var(c) lambda_max(T)^2, so
+    L_pm = std(c) lambda_max(T) ~ L s: zero at s = 0 (equal Hessians, differing b_i only).
+    A worker's (c_i, b_i) come from (seed, i) alone; the shift needs all n draws, which every
+    worker redraws (2 normals each).
+    """
+
+    dim: int
+    scales: np.ndarray  # c_i, one per worker
+    offsets: np.ndarray  # b_i[0], one per worker (b_i is zero elsewhere)
+    shift: float  # added to every A_i's diagonal
+
+    @property
+    def n_workers(self) -> int:
+        return int(self.scales.size)
+
+    def _matrix(self, scale: float) -> sp.csr_matrix:
+        d = self.dim
+        main = np.full(d, 2.0 * scale + self.shift)
+        side = np.full(d - 1, -scale)
+        return sp.diags([side, main, side], [-1, 0, 1], shape=(d, d), format="csr")
+
+    def _vector(self, offset: float) -> np.ndarray:
+        b = np.zeros(self.dim)
+        b[0] = offset
+        return b
+
+    def _norm(self, scale: float) -> float:
+        """||c T + shift I||_2 (its eigenvalues are c mu + shift, mu in [mu_min, mu_max])."""
+        mu_min, mu_max = tridiagonal_extremes(self.dim)
+        return float(max(abs(scale * mu_min + self.shift), abs(scale * mu_max + self.shift)))
+
+    def worker(self, i: int) -> Quadratic:
+        """Worker i's f_i, with L_i = ||A_i||_2 (lambda_max(A_i) when A_i is positive definite)."""
+        return Quadratic(
+            self._matrix(self.scales[i]), self._vector(self.offsets[i]), self._norm(self.scales[i])
+        )
+
+    def whole(self) -> Quadratic:
+        """f = (1/n) sum_i f_i = 1/2 x^T (mean A) x - (mean b)^T x, with L_- = ||mean A||_2."""
+        scale = float(np.mean(self.scales))
+        return Quadratic(
+            self._matrix(scale), self._vector(float(np.mean(self.offsets))), self._norm(scale)
+        )
+
+    def hessian_variance(self) -> float:
+        """L_pm = sqrt(lambda_max((1/n) sum_i A_i^2 - (mean A)^2)) = std(c) lambda_max(T)."""
+        if np.ptp(self.scales) == 0:
+            return 0.0
+        return float(np.std(self.scales)) * tridiagonal_extremes(self.dim)[1]
+
+    def plus_tight(self) -> float:
+        """The tight L_+ of the 3PC paper's Assumption 3: sqrt(lambda_max((1/n) sum_i A_i^2))."""
+        mu_min, mu_max = tridiagonal_extremes(self.dim)
+        c = self.scales
+        return math.sqrt(max(float(np.mean((c * mu + self.shift) ** 2)) for mu in (mu_min, mu_max)))
+
+
+def quadratic_family(
+    n_workers: int,
+    *,
+    dim: float = 1000,
+    noise_scale: float = 0.0,
+    lam: float = 1e-6,
+    L: float = 1.0,
+    seed: int = 0,
+) -> QuadraticFamily:
+    """The n workers' quadratics (see `QuadraticFamily`): dimension `dim`, noise scale s,
+    lambda_min of the mean Hessian `lam`, base curvature `L` (lambda_max(A_i) < L + lam at s = 0)."""
+    if isinstance(dim, float) and dim.is_integer():
+        dim = int(dim)  # TOML reads 1e6 as a float
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ConfigError(f"problem 'quadratic': dim must be an integer >= 1, got {dim!r}")
+    if not noise_scale >= 0:
+        raise ConfigError(f"problem 'quadratic': noise_scale must be >= 0, got {noise_scale!r}")
+    if not L > 0:
+        raise ConfigError(f"problem 'quadratic': L must be > 0, got {L!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"problem 'quadratic': seed must be an integer >= 0, got {seed!r}")
+    if n_workers < 1:
+        raise ConfigError(f"problem 'quadratic': needs n_workers >= 1, got {n_workers}")
+    draws = np.array(
+        [np.random.default_rng([seed, i]).standard_normal(2) for i in range(n_workers)]
+    )
+    nu = 1.0 + noise_scale * draws[:, 0]
+    nu_b = noise_scale * draws[:, 1]
+    scales = (L / 4.0) * nu
+    offsets = scales * (nu_b - 1.0)
+    mean_scale = float(np.mean(scales))
+    mu_min, mu_max = tridiagonal_extremes(dim)
+    shift = float(lam) - min(mean_scale * mu_min, mean_scale * mu_max)
+    return QuadraticFamily(dim, scales, offsets, shift)
+
+
+@dataclass(frozen=True, eq=False)
+class Quadratic:
+    """f_i(x) = 1/2 x^T A x - b^T x with A symmetric (sparse), L_i = ||A||_2 given by its maker.
+
+    A generated f_i has no data rows: it is one "row" (rows = 1, f_i1 = f_i), so a stochastic
+    gradient oracle returns the exact gradient (times the mean weight) and L_i1 = L_i.
+    """
+
+    matrix: sp.csr_matrix
+    vector: np.ndarray
+    lipschitz: float
+
+    @property
+    def dim(self) -> int:
+        return int(self.vector.size)
+
+    @property
+    def rows(self) -> int:
+        return 1
+
+    def loss(self, x: np.ndarray) -> float:
+        return float(0.5 * x @ (self.matrix @ x) - self.vector @ x)
+
+    def grad(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.matrix @ x) - self.vector
+
+    def grad_rows(self, x: np.ndarray, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """(1/b) sum_j w_j grad f_i(x): the one row is f_i itself."""
+        if np.any(rows != 0):
+            raise ConfigError(f"quadratic problem has one row; asked for rows {np.unique(rows)}")
+        return float(np.mean(weights)) * self.grad(x)
+
+    def smoothness(self) -> float:
+        return self.lipschitz
+
+    def row_smoothness(self) -> np.ndarray:
+        return np.array([self.lipschitz])
+
+    def initial_point(self, seed: int = 0) -> np.ndarray:
+        """The CQ paper's starting point x^0 = (sqrt(d), 0, ..., 0) (Algorithm 5); `seed` unused."""
+        x0 = np.zeros(self.dim)
+        x0[0] = math.sqrt(self.dim)
+        return x0
+
+
+# A problem factory: (worker's shard, config params, worker id or None for the whole f, n) -> Problem.
+ProblemFactory = Callable[[Dataset, dict[str, Any], "int | None", int], Problem]
+
+
+def _on_data(cls: type) -> ProblemFactory:
+    """A data-driven problem: the class built on the shard's features and labels."""
+
+    def build(
+        data: Dataset, params: dict[str, Any], worker_id: int | None, n_workers: int
+    ) -> Problem:
+        problem: Problem = cls(data.features, data.labels, **params)
+        return problem
+
+    return build
+
+
+def _quadratic(
+    data: Dataset, params: dict[str, Any], worker_id: int | None, n_workers: int
+) -> Problem:
+    """Generated from (seed, i): the data shard is not used."""
+    family = quadratic_family(n_workers, **params)
+    return family.whole() if worker_id is None else family.worker(worker_id)
+
+
+def _torch_module(kind: str) -> Any:
+    try:
+        from threepc.common import torch_problems
+    except ImportError as err:
+        raise ConfigError(
+            f"problem {kind!r} needs torch ({err}); install it with pip install 'threepc[torch]'"
+        ) from err
+    return torch_problems
+
+
+def _autoencoder(
+    data: Dataset, params: dict[str, Any], worker_id: int | None, n_workers: int
+) -> Problem:
+    problem: Problem = _torch_module("autoencoder").autoencoder(data, params, worker_id, n_workers)
+    return problem
+
+
+def _torch(data: Dataset, params: dict[str, Any], worker_id: int | None, n_workers: int) -> Problem:
+    problem: Problem = _torch_module("torch").module_problem(data, params)
+    return problem
+
+
+PROBLEMS: dict[str, ProblemFactory] = {
+    "logreg_nonconvex": _on_data(LogisticNonconvex),
+    "logreg_l2": _on_data(LogisticL2),
+    "least_squares": _on_data(LeastSquares),
+    "quadratic": _quadratic,
+    "autoencoder": _autoencoder,
+    "torch": _torch,
 }
 
 
 def make_problem(
-    kind: str, data: Dataset, params: dict[str, float], *, worker_id: int | None = None, n_workers: int = 1
+    kind: str,
+    data: Dataset,
+    params: dict[str, Any],
+    *,
+    worker_id: int | None = None,
+    n_workers: int = 1,
 ) -> Problem:
     """Problem `kind` with its config parameters (e.g. lam): worker i's f_i on its shard `data`,
     or, with worker_id None, the whole f on all the data (for L_- and the theory's stepsize).
 
     Data-driven problems only look at `data`; generated ones (quadratics) use worker_id/n_workers.
     """
-    cls = PROBLEMS.get(kind)
-    if cls is None:
+    factory = PROBLEMS.get(kind)
+    if factory is None:
         raise ConfigError(f"unknown problem {kind!r}; known: {', '.join(sorted(PROBLEMS))}")
     try:
-        return cls(data.features, data.labels, **params)
+        return factory(data, dict(params), worker_id, n_workers)
+    except TypeError as err:
+        raise ConfigError(f"problem {kind!r}: {err}") from err
+
+
+def hessian_variance(kind: str, params: dict[str, Any], n_workers: int) -> float | None:
+    """The Hessian variance L_pm (CQ paper, Definition 4), the smallest L with
+    (1/n) sum_i ||grad f_i(x) - grad f_i(y)||^2 - ||grad f(x) - grad f(y)||^2 <= L^2 ||x - y||^2;
+    for quadratics L_pm^2 = lambda_max((1/n) sum_i A_i^2 - (mean A)^2). None where not computed
+    (a caller may bound it by L_+, since L_pm <= L_+)."""
+    if kind != "quadratic":
+        return None
+    try:
+        return quadratic_family(n_workers, **params).hessian_variance()
     except TypeError as err:
         raise ConfigError(f"problem {kind!r}: {err}") from err
