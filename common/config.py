@@ -89,7 +89,7 @@ class RunConfig(_Frozen):
     wire: WireConfig = WireConfig()
     stepsize: float | Literal["theory"] = Field("theory", description="gamma, or the theory's")
     stepsize_multiplier: float = Field(1.0, gt=0, description="scales gamma, as the papers' sweeps")
-    x0: str = Field("normal", description="'normal' (N(0, I) from the seed), 'zeros', or a .npy path")
+    x0: str = Field("normal", description="'normal' (N(0, I) from the seed), 'zeros', 'problem' (its own start), or a .npy path")
     init: Literal["full", "compressed"] = Field("full", description="g_i^0 = grad f_i(x^0) or C of it")
     diagnostics_every: int = Field(1, ge=1, description="rounds between loss/||grad f||^2 figures")
     round_timeout_s: float = Field(120.0, gt=0, description="how long a round waits for updates")

@@ -28,11 +28,17 @@ from threepc.common.methods import Smoothness, build_method, stepsize
 from threepc.common.payloads import Message
 from threepc.common.oracles import make_oracle
 from threepc.common.randomness import round_randomness
-from threepc.common.problems import Problem, make_problem
+from threepc.common.problems import Problem, hessian_variance, make_problem
 
-def initial_iterate(config: RunConfig, d: int) -> np.ndarray:
-    """x^0: N(0, I) drawn as numpy.random.default_rng(seed).normal(0, 1, d), zeros, or a .npy."""
+def initial_iterate(config: RunConfig, d: int, whole: Problem | None = None) -> np.ndarray:
+    """x^0: N(0, I) drawn as numpy.random.default_rng(seed).normal(0, 1, d), zeros, the
+    problem's own start ("problem": the papers' quadratic start, torch's initialization), or a .npy."""
     dtype = np.dtype(config.wire.iterate_dtype)
+    if config.x0 == "problem":
+        start = getattr(whole, "initial_point", None)
+        if start is None:
+            raise ConfigError(f"x0 = 'problem': {config.problem.name} has no initial point of its own")
+        return np.asarray(start(config.seed), dtype=np.float64).astype(dtype)
     if config.x0 == "normal":
         return np.random.default_rng(config.seed).normal(0.0, 1.0, d).astype(dtype)
     if config.x0 == "zeros":
@@ -88,10 +94,11 @@ def plan(config: RunConfig) -> Plan:
         local_problem(config, load_shard(config, i, full), i).smoothness() for i in range(config.workers)
     )
     L_minus = whole.smoothness()
-    smooth = Smoothness(L_minus, float(np.sqrt(np.mean(np.square(L_i)))), L_i)
+    L_pm = hessian_variance(config.problem.name, config.problem.params, config.workers)
+    smooth = Smoothness(L_minus, float(np.sqrt(np.mean(np.square(L_i)))), L_i, L_pm)
     gamma = stepsize(config, build_method(config.model_copy(update={"stepsize": 1.0}), d), d, smooth)
     resolved = config.model_copy(update={"stepsize": gamma, "stepsize_multiplier": 1.0})
-    return Plan(config, resolved, d, gamma, smooth, initial_iterate(config, d), full.source)
+    return Plan(config, resolved, d, gamma, smooth, initial_iterate(config, d, whole), full.source)
 
 
 class WorkerNode:

@@ -50,5 +50,6 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "L_minus": plan.smoothness.L_minus,
         "L_plus": plan.smoothness.L_plus,
         "L_i": list(plan.smoothness.L_i),
+        "L_pm": plan.smoothness.L_pm,
         "data": plan.dataset,
     }
