@@ -252,13 +252,54 @@ def message_from_proto(proto: ProtoUpdate, d: int, t: int, worker_id: int) -> Me
     return Message(Mode(proto.mode), parts, proto.flag_bits)
 
 
-def fill_round(proto: ProtoRound, t: int, x: np.ndarray) -> ProtoRound:
-    """Write x^t into `proto` (e.g. `envelope.round`) in place; returns it."""
+def fill_round(
+    proto: ProtoRound, t: int, x: np.ndarray, aggregate_sum: np.ndarray | None = None, digest: bytes = b""
+) -> ProtoRound:
+    """Write x^t densely into `proto` (e.g. `envelope.round`) in place; returns it. Under the
+    delta downlink a dense round also carries g_sum, so the worker can follow from it."""
     dtype = x.dtype.name
     proto.round = t
     proto.dtype = _DTYPE_TO_PROTO[dtype]
     proto.iterate = values_to_bytes(x, dtype)
+    if aggregate_sum is not None:
+        proto.aggregate_sum = values_to_bytes(aggregate_sum, "float64")
+    proto.digest = digest
     return proto
+
+
+def fill_round_change(
+    proto: ProtoRound, t: int, dtype: str, indices: np.ndarray, values: np.ndarray, d: int, digest: bytes
+) -> ProtoRound:
+    """Write round t as the change of g_sum (delta downlink) into `proto`; returns it."""
+    coding, packed, _ = bitpack.encode_indices(indices, d)
+    proto.round = t
+    proto.dtype = _DTYPE_TO_PROTO[dtype]
+    proto.delta = True
+    proto.change_count = int(indices.size)
+    proto.change_coding = int(coding)
+    proto.change_indices = packed
+    proto.change_values = values_to_bytes(values, "float64")
+    proto.digest = digest
+    return proto
+
+
+def round_change_from_proto(proto: ProtoRound, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (indices, new g_sum values) of a delta round, validated."""
+    if proto.change_count > d:
+        raise DecodeError(f"round.change_count: {proto.change_count} > d = {d}")
+    indices = _packed(
+        "round.change_indices", bitpack.decode_indices, proto.change_coding, proto.change_indices, proto.change_count, d
+    )
+    values, _ = values_from_bytes(proto.change_values, ProtoDtype.FLOAT64, proto.change_count, "round.change_values")
+    return indices, values
+
+
+def aggregate_from_proto(proto: ProtoRound, d: int) -> np.ndarray | None:
+    """g_sum from a dense round under the delta downlink; None if the round carries none."""
+    if not proto.aggregate_sum:
+        return None
+    values, _ = values_from_bytes(proto.aggregate_sum, ProtoDtype.FLOAT64, d, "round.aggregate_sum")
+    return values
 
 
 def iterate_to_proto(t: int, x: np.ndarray) -> ProtoRound:

@@ -68,6 +68,11 @@ class WireConfig(_Frozen):
         "float64", description="dtype of the iterate and of the coordinator's state"
     )
     max_message_bytes: int = Field(64 << 20, ge=1 << 16, description="gRPC message size limit")
+    downlink: Literal["auto", "dense", "delta"] = Field(
+        "auto",
+        description="broadcast x (dense) or the aggregate's change (delta: exact, fewer bytes for "
+        "sparse methods); auto: delta where the compressor is sparse",
+    )
     chunk_bytes: int = Field(
         32 << 20, ge=1 << 10, description="messages larger than this travel in chunks"
     )

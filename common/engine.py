@@ -25,7 +25,7 @@ from threepc.common.config import RunConfig
 from threepc.common.errors import ConfigError, DivergedError
 from threepc.common.mechanisms import Mechanism, WorkerState
 from threepc.common.methods import Smoothness, build_method, stepsize
-from threepc.common.payloads import Message
+from threepc.common.payloads import Message, Mode
 from threepc.common.oracles import make_oracle
 from threepc.common.randomness import round_randomness
 from threepc.common.problems import Problem, hessian_variance, make_problem
@@ -83,6 +83,7 @@ class Plan:
     smoothness: Smoothness
     x0: np.ndarray
     dataset: str  # the data actually used (a file, or a synthetic stand-in)
+    downlink: str = "dense"  # "dense" or "delta", resolved from wire.downlink
 
 
 def plan(config: RunConfig) -> Plan:
@@ -96,9 +97,22 @@ def plan(config: RunConfig) -> Plan:
     L_minus = whole.smoothness()
     L_pm = hessian_variance(config.problem.name, config.problem.params, config.workers)
     smooth = Smoothness(L_minus, float(np.sqrt(np.mean(np.square(L_i)))), L_i, L_pm)
-    gamma = stepsize(config, build_method(config.model_copy(update={"stepsize": 1.0}), d), d, smooth)
+    mechanism = build_method(config.model_copy(update={"stepsize": 1.0}), d)
+    gamma = stepsize(config, mechanism, d, smooth)
     resolved = config.model_copy(update={"stepsize": gamma, "stepsize_multiplier": 1.0})
-    return Plan(config, resolved, d, gamma, smooth, initial_iterate(config, d, whole), full.source)
+    x0 = initial_iterate(config, d, whole)
+    return Plan(config, resolved, d, gamma, smooth, x0, full.source, resolve_downlink(config, mechanism, d))
+
+
+def resolve_downlink(config: RunConfig, mechanism: Mechanism, d: int) -> str:
+    """wire.downlink "auto": the delta downlink where the aggregate changes sparsely (a sparse
+    compressor, and the coordinator stepping by gamma g: not EF, whose x moves by mean v)."""
+    if config.wire.downlink != "auto":
+        return config.wire.downlink
+    from threepc.common.compressors import make_compressor
+
+    c = make_compressor(config.compressor.name, config.compressor.params, config.wire.value_dtype)
+    return "delta" if c.density(d) <= 0.25 and not mechanism.worker_scales else "dense"
 
 
 class WorkerNode:
@@ -221,7 +235,11 @@ class Aggregator:
         np.subtract(new, old, out=self._scratch)
         self.g_sum += self._scratch
         old[:] = new  # the mirrors array is this object's own: updated in place
-        self._touched = None  # a dense change: every coordinate may have moved
+        support = message.support(self.d) if message.mode is Mode.DELTA else None
+        if support is None:
+            self._touched = None  # a dense change: every coordinate may have moved
+        elif self._touched is not None:
+            self._touched.append(support)
 
     def add_diagnostics(self, loss: float, grad: np.ndarray) -> None:
         """A worker's f_i(x^t) and grad f_i(x^t), for the round's figures (never in the bits)."""

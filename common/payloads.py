@@ -354,6 +354,18 @@ class Message:
             return out
         return mirror + self.dense(mirror.size)
 
+    def support(self, d: int) -> IndexArray | None:
+        """The coordinates the parts can change (union of sparse parts), None if any is dense."""
+        pieces = []
+        for part in self.parts:
+            if isinstance(part, SparseVector):
+                pieces.append(part.indices)
+            elif isinstance(part, SeededSparseVector):
+                pieces.append(part.indices(d))
+            else:
+                return None
+        return np.unique(np.concatenate(pieces)) if pieces else np.zeros(0, np.int64)
+
     def sparse_indices(self, d: int) -> IndexArray | None:
         """The coordinates of a one-part sparse DELTA message (TopK, RandK, PermK), else None."""
         if self.mode is not Mode.DELTA or len(self.parts) != 1:

@@ -31,6 +31,7 @@ _CATEGORY = {
     "update": ROUND,
     "round": ROUND,
     "diagnostics": DIAGNOSTICS,
+    "resync": ROUND,  # part of the delta downlink's cost
 }
 
 

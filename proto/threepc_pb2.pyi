@@ -28,18 +28,20 @@ DELTA: Mode
 REPLACE: Mode
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("join", "ready", "update", "diagnostics", "chunk")
+    __slots__ = ("join", "ready", "update", "diagnostics", "chunk", "resync")
     JOIN_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     DIAGNOSTICS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_FIELD_NUMBER: _ClassVar[int]
     join: Join
     ready: Ready
     update: Update
     diagnostics: Diagnostics
     chunk: Chunk
-    def __init__(self, join: _Optional[_Union[Join, _Mapping]] = ..., ready: _Optional[_Union[Ready, _Mapping]] = ..., update: _Optional[_Union[Update, _Mapping]] = ..., diagnostics: _Optional[_Union[Diagnostics, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+    resync: Resync
+    def __init__(self, join: _Optional[_Union[Join, _Mapping]] = ..., ready: _Optional[_Union[Ready, _Mapping]] = ..., update: _Optional[_Union[Update, _Mapping]] = ..., diagnostics: _Optional[_Union[Diagnostics, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., resync: _Optional[_Union[Resync, _Mapping]] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
     __slots__ = ("welcome", "round", "done", "chunk", "restore")
@@ -112,14 +114,34 @@ class Ready(_message.Message):
     def __init__(self, rows: _Optional[int] = ..., dimension: _Optional[int] = ...) -> None: ...
 
 class Round(_message.Message):
-    __slots__ = ("round", "dtype", "iterate")
+    __slots__ = ("round", "dtype", "iterate", "delta", "change_count", "change_coding", "change_indices", "change_values", "aggregate_sum", "digest")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     ITERATE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_CODING_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_INDICES_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_VALUES_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_SUM_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     round: int
     dtype: Dtype
     iterate: bytes
-    def __init__(self, round: _Optional[int] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., iterate: _Optional[bytes] = ...) -> None: ...
+    delta: bool
+    change_count: int
+    change_coding: int
+    change_indices: bytes
+    change_values: bytes
+    aggregate_sum: bytes
+    digest: bytes
+    def __init__(self, round: _Optional[int] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., iterate: _Optional[bytes] = ..., delta: _Optional[bool] = ..., change_count: _Optional[int] = ..., change_coding: _Optional[int] = ..., change_indices: _Optional[bytes] = ..., change_values: _Optional[bytes] = ..., aggregate_sum: _Optional[bytes] = ..., digest: _Optional[bytes] = ...) -> None: ...
+
+class Resync(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
 
 class Done(_message.Message):
     __slots__ = ("rounds", "reason")

@@ -40,7 +40,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from threepc.common import codec
 from threepc.common import config as config_mod
-from threepc.common.engine import Aggregator, Plan
+from threepc.common.engine import Aggregator, Plan, digest
 from threepc.common.errors import (
     AuthError,
     DecodeError,
@@ -88,6 +88,7 @@ class WorkerLink:
     last_round: int = -1  # the last round whose update from this worker was applied
     error: ThreePCError | None = None  # why the stream ended early; set = the worker is gone
     synced_round: int = -1  # the round for which the worker's state equals the mirror's rebuild
+    follower_round: int = -1  # the last round this stream got: its worker can follow from it (delta downlink)
 
     @property
     def live(self) -> bool:
@@ -106,7 +107,9 @@ class Coordinator:
       meter, kept across its streams), `refused` (malformed messages) and `late` (updates that
       came after their round closed) per worker;
     - the round being collected: `_collecting` (its t, or None between rounds), `_answered`,
-      `_round_frames` (its Round, serialized once), `_events` (what the streams tell the loop);
+      `_round_frames` (its Round, serialized once: the change of g_sum under the delta downlink,
+      else x), `_dense_frames` (x and g_sum, for streams that cannot follow: new, or asked for a
+      resync), `_events` (what the streams tell the loop);
     - the run: `rows` (one per closed round), `checkpoint_dir`, `_stop` (SIGTERM asked).
     """
 
@@ -136,6 +139,8 @@ class Coordinator:
         self._collecting: int | None = None
         self._answered: set[int] = set()
         self._round_frames: Frames | None = None
+        self._dense_frames: Frames | None = None
+        self.delta = plan.downlink == "delta"
         self._refused_round = 0
         self._events: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
         self._stop = asyncio.Event()
@@ -359,6 +364,13 @@ class Coordinator:
                         self._late(link, r)  # its round closed between the update and these
                 elif kind == "diagnostics" and message.diagnostics.round == dropped:
                     continue
+                elif kind == "resync":
+                    # Its rebuilt iterate missed the digest: round t again, densely (if still open).
+                    if message.resync.round == self._collecting:
+                        log.warning("worker %d: digest mismatch in round %d; sending x densely", wid, message.resync.round)
+                        category, data = self._dense_round(message.resync.round)
+                        for frame in data:
+                            link.outbox.put_nowait((category, frame))
                 else:
                     raise ProtocolError(f"unexpected {kind} from worker {wid} in round {self.agg.t}")
         except DecodeError as err:
@@ -445,8 +457,16 @@ class Coordinator:
     async def _round(self, t: int) -> None:
         """Broadcast round t, collect until all live workers answered or the deadline, close it."""
         n, timeout = self.config.workers, self.config.round_timeout_s
-        message = ProtoCoordinatorMessage(round=codec.iterate_to_proto(t, self.agg.x))
-        self._round_frames = (category_of(message), frames(message, self.config.wire.chunk_bytes))
+        self._dense_frames = None
+        change = self.agg.change if self.delta and t > 0 else None
+        if change is None:
+            self._round_frames = self._dense_round(t)
+        else:
+            message = ProtoCoordinatorMessage()
+            codec.fill_round_change(
+                message.round, t, self.agg.x.dtype.name, change[0], change[1], self.plan.dim, digest(self.agg.x)
+            )
+            self._round_frames = (category_of(message), frames(message, self.config.wire.chunk_bytes))
         self._answered = set()
         self._collecting = t
         received: dict[int, tuple[Message, tuple[float, np.ndarray] | None]] = {}
@@ -494,9 +514,20 @@ class Coordinator:
                 link.outbox.put_nowait((category_of(restore), frame))
             link.synced_round = t
         assert self._round_frames is not None
-        category, data = self._round_frames
+        follows = self._round_frames is not self._dense_frames and link.follower_round == t - 1
+        category, data = self._round_frames if follows else self._dense_round(t)
         for frame in data:
             link.outbox.put_nowait((category, frame))
+        link.follower_round = t
+
+    def _dense_round(self, t: int) -> Frames:
+        """Round t with x^t itself (and g_sum under the delta downlink), serialized once."""
+        if self._dense_frames is None:
+            message = ProtoCoordinatorMessage()
+            aggregate = self.agg.g_sum if self.delta else None
+            codec.fill_round(message.round, t, self.agg.x, aggregate, digest(self.agg.x) if self.delta else b"")
+            self._dense_frames = (category_of(message), frames(message, self.config.wire.chunk_bytes))
+        return self._dense_frames
 
     def _close_round(self, t: int, received: dict[int, tuple[Message, tuple[float, np.ndarray] | None]]) -> None:
         """Apply round t's messages in worker-id order, step, and write the round's row."""

@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from threepc.common import codec
 from threepc.common import config as config_mod
-from threepc.common.engine import WorkerNode, load_data, load_shard, local_problem
+from threepc.common.engine import IterateFollower, WorkerNode, digest, load_data, load_shard, local_problem
 from threepc.common.errors import (
     AuthError,
     DecodeError,
@@ -47,6 +48,8 @@ from threepc.proto.threepc_pb2 import CoordinatorMessage as ProtoCoordinatorMess
 from threepc.proto.threepc_pb2 import Join as ProtoJoin
 from threepc.proto.threepc_pb2 import Ready as ProtoReady
 from threepc.proto.threepc_pb2 import Restore as ProtoRestore
+from threepc.proto.threepc_pb2 import Resync as ProtoResync
+from threepc.proto.threepc_pb2 import Round as ProtoRound
 from threepc.proto.threepc_pb2 import WorkerMessage as ProtoWorkerMessage
 from threepc.server import tls
 from threepc.server.checkpoint import restore_from_proto
@@ -91,6 +94,8 @@ class _Session:
     rows: int = 0
     streams: int = 0
     restores: int = 0
+    resyncs: int = 0  # dense rounds asked for after a digest mismatch (delta downlink)
+    follower: IterateFollower | None = None  # x and g_sum, rebuilt from the coordinator's changes
     meter: Meter = field(default_factory=Meter)
 
 
@@ -193,6 +198,24 @@ def _restore(node: WorkerNode, proto: ProtoRestore) -> None:
         node.restore(*restored)
 
 
+def _iterate(session: _Session, node: WorkerNode, proto: ProtoRound) -> np.ndarray | None:
+    """x^t from a Round: given densely, or rebuilt from the change of g_sum (delta downlink);
+    None when the rebuilt one does not match the coordinator's digest."""
+    d = node.problem.dim
+    if not proto.delta:
+        x = codec.iterate_from_proto(proto, d)
+        aggregate = codec.aggregate_from_proto(proto, d)
+        if aggregate is not None:
+            step_scale = 1.0 if node.mechanism.worker_scales else float(node.config.stepsize)
+            session.follower = IterateFollower(x, aggregate, node.config.workers, step_scale)
+        return x
+    if session.follower is None:
+        return None
+    indices, values = codec.round_change_from_proto(proto, d)
+    x = session.follower.follow(indices, values)
+    return x if digest(x) == proto.digest else None
+
+
 async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, session: _Session) -> dict:
     meter = session.meter
     inbound: Reassembler = Reassembler(ProtoCoordinatorMessage, meter, 1 << 30)
@@ -257,7 +280,11 @@ async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, sessio
         if kind != "round":
             raise ProtocolError(f"expected round, restore or done, got {kind}")
         t = message.round.round
-        x = codec.iterate_from_proto(message.round, problem.dim)
+        x = _iterate(session, node, message.round)
+        if x is None:  # the rebuilt iterate missed the digest: ask for round t densely
+            await send(ProtoWorkerMessage(resync=ProtoResync(round=t)), chunk)
+            session.resyncs += 1
+            continue
         update, diagnostics = node.round(t, x)
         if options.throttle_s and (options.throttle_rounds is None or t in options.throttle_rounds):
             await asyncio.sleep(options.throttle_s)
@@ -275,6 +302,7 @@ async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, sessio
         "rounds": session.rounds,
         "streams": session.streams,
         "restores": session.restores,
+        "resyncs": session.resyncs,
         "meter": meter.as_dict(),
     }
     if options.report is not None:
