@@ -26,5 +26,5 @@ def test_a_worker_rebuilds_x_and_asks_for_a_resync_when_the_digest_differs() -> 
     # A follower that drifted (here: tampered with) gets None: the worker asks for round t densely.
     drifted = _Session(worker_id=0)
     _iterate(drifted, node, dense)
-    drifted.follower.g_sum[0] += 1.0
+    drifted.follower.x[0] += 1.0
     assert _iterate(drifted, node, delta) is None
