@@ -184,7 +184,7 @@ def data_file(data_dir: Path, n: int, d: int) -> Path:
     return path
 
 
-def write_config(path: Path, n: int, d: int, method: str, rounds: int, data: Path) -> None:
+def write_config(path: Path, n: int, d: int, method: str, rounds: int, data: Path, downlink: str = "dense") -> None:
     compressor = '"identity"' if method == "gd" else f'{{ name = "top_k", k = {max(1, d // 100)} }}'
     path.write_text(
         f"workers = {n}\n"
@@ -194,7 +194,7 @@ def write_config(path: Path, n: int, d: int, method: str, rounds: int, data: Pat
         'problem = "least_squares"\n'
         f"diagnostics_every = {10**9}\n"
         f'data = {{ dataset = "{data}", dim = {d} }}\n'
-        'wire = { iterate_dtype = "float32", value_dtype = "float32" }\n'
+        f'wire = {{ iterate_dtype = "float32", value_dtype = "float32", downlink = "{downlink}" }}\n'
     )
 
 
@@ -310,17 +310,17 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def measure_row(
-    n: int, d: int, method: str, allocator: str, args: argparse.Namespace, work: Path
+    n: int, d: int, method: str, allocator: str, args: argparse.Namespace, work: Path, downlink: str = "dense"
 ) -> dict[str, Any]:
     """Repeats of threepc, raw and in-process runs, interleaved so that noise hits all three."""
     env = {**os.environ, **ALLOCATOR_ENV[allocator]}
     rounds, warmup = rounds_for(d, args)
     data = data_file(args.data_dir, n, d)
-    config = work / f"n{n}_d{d}_{method}.toml"
-    write_config(config, n, d, method, rounds, data)
+    config = work / f"n{n}_d{d}_{method}_{downlink}.toml"
+    write_config(config, n, d, method, rounds, data, downlink)
     samples: list[dict[str, Any]] = []
     for rep in range(args.repeats):
-        tag = f"n{n}_d{d}_{method}_{allocator}_{rep}"
+        tag = f"n{n}_d{d}_{method}_{downlink}_{allocator}_{rep}"
         sample = run_threepc(config, work / tag, warmup, env, args.timeout)
         if not args.no_raw:
             down = round(sample["bytes_down"] / n) - FRAME_BYTES
@@ -341,7 +341,7 @@ def measure_row(
         "d": d,
         "method": method,
         "compressor": compressor,
-        "downlink": "dense",
+        "downlink": downlink,
         "allocator": allocator,
     }
     for key in keys:
@@ -447,6 +447,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="default",
         help="glibc malloc settings for every process (tuned: MALLOC_MMAP_MAX_=0, no trimming)",
     )
+    p.add_argument(
+        "--downlink", nargs="+", choices=["dense", "delta"], default=["dense", "delta"],
+        help="broadcast x, or the aggregate's change (EF21 rows; GD is always dense)",
+    )
     p.add_argument("--no-raw", action="store_true", help="skip the bare gRPC baseline")
     p.add_argument("--no-in-process", action="store_true", help="skip the in-process engine")
     p.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
@@ -495,9 +499,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         for n, d, method in grid(args):
-            for allocator in allocators:
+            # GD's aggregate changes everywhere each round: only EF21 has a delta downlink to show.
+            downlinks = ["dense"] if method == "gd" else args.downlink
+            for allocator, downlink in ((a, dl) for a in allocators for dl in downlinks):
                 try:
-                    row = measure_row(n, d, method, allocator, args, work)
+                    row = measure_row(n, d, method, allocator, args, work, downlink)
                 except (
                     subprocess.SubprocessError,
                     RuntimeError,
@@ -510,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "n": n,
                         "d": d,
                         "method": method,
-                        "downlink": "dense",
+                        "downlink": downlink,
                         "allocator": allocator,
                         "rounds_per_s": None,
                         "raw_rounds_per_s": None,

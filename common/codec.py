@@ -32,6 +32,7 @@ from threepc.common.payloads import (
 from threepc.proto.threepc_pb2 import Diagnostics as ProtoDiagnostics
 from threepc.proto.threepc_pb2 import Dtype as ProtoDtype
 from threepc.proto.threepc_pb2 import Part as ProtoPart
+from threepc.proto.threepc_pb2 import Restore as ProtoRestore
 from threepc.proto.threepc_pb2 import Round as ProtoRound
 from threepc.proto.threepc_pb2 import Update as ProtoUpdate
 
@@ -324,3 +325,29 @@ def diagnostics_from_proto(proto: ProtoDiagnostics, d: int, t: int, worker_id: i
         )
     grad, _ = values_from_bytes(proto.gradient, proto.dtype, d, "diagnostics.gradient")
     return _finite(proto.loss, "diagnostics.loss"), grad.astype(np.float64)
+
+
+def restore_to_proto(t: int, mirror: np.ndarray | None, x_prev: np.ndarray | None) -> ProtoRestore:
+    """Restore for round t: the mirror g_i^t and x^{t-1}, or `has_state = false` if there is none."""
+    if mirror is None or x_prev is None:
+        return ProtoRestore(round=t, has_state=False)
+    x_dtype = x_prev.dtype.name
+    return ProtoRestore(
+        round=t,
+        has_state=True,
+        mirror_dtype=ProtoDtype.FLOAT64,
+        mirror=values_to_bytes(mirror, "float64"),
+        x_prev_dtype=ProtoDtype.Value(x_dtype.upper()),
+        x_prev=values_to_bytes(x_prev, x_dtype),
+    )
+
+
+def restore_from_proto(proto: ProtoRestore, d: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(h, x_prev) for WorkerNode.restore, or None for a fresh start; DecodeError if malformed."""
+    if not proto.has_state:
+        return None
+    if not proto.round:
+        raise DecodeError("restore.round: 0 with state, expected a round >= 1 (round 0 has no x^{-1})")
+    h, _ = values_from_bytes(proto.mirror, proto.mirror_dtype, d, "restore.mirror")
+    x_prev, _ = values_from_bytes(proto.x_prev, proto.x_prev_dtype, d, "restore.x_prev")
+    return h.astype(np.float64), x_prev

@@ -25,10 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from threepc.common import codec
-from threepc.common.errors import ConfigError, DecodeError
-from threepc.proto.threepc_pb2 import Dtype as ProtoDtype
-from threepc.proto.threepc_pb2 import Restore as ProtoRestore
+from threepc.common.errors import ConfigError
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -131,27 +128,3 @@ def resume_rows(metrics: Path, rounds_done: int) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------- one worker's state
 
 
-def restore_to_proto(t: int, mirror: np.ndarray | None, x_prev: np.ndarray | None) -> ProtoRestore:
-    """Restore for round t: the mirror g_i^t and x^{t-1}, or `has_state = false` if there is none."""
-    if mirror is None or x_prev is None:
-        return ProtoRestore(round=t, has_state=False)
-    x_dtype = x_prev.dtype.name
-    return ProtoRestore(
-        round=t,
-        has_state=True,
-        mirror_dtype=ProtoDtype.FLOAT64,
-        mirror=codec.values_to_bytes(mirror, "float64"),
-        x_prev_dtype=ProtoDtype.Value(x_dtype.upper()),
-        x_prev=codec.values_to_bytes(x_prev, x_dtype),
-    )
-
-
-def restore_from_proto(proto: ProtoRestore, d: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(h, x_prev) for WorkerNode.restore, or None for a fresh start; DecodeError if malformed."""
-    if not proto.has_state:
-        return None
-    if not proto.round:
-        raise DecodeError("restore.round: 0 with state, expected a round >= 1 (round 0 has no x^{-1})")
-    h, _ = codec.values_from_bytes(proto.mirror, proto.mirror_dtype, d, "restore.mirror")
-    x_prev, _ = codec.values_from_bytes(proto.x_prev, proto.x_prev_dtype, d, "restore.x_prev")
-    return h.astype(np.float64), x_prev

@@ -241,7 +241,7 @@ def serve(
     if tls_cert or tls_key:
         if not (tls_cert and tls_key):
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
-        from threepc.server.tls import server_credentials
+        from threepc.common.tls import server_credentials
 
         credentials = server_credentials(tls_cert, tls_key)
     the_plan = plan(config)

@@ -313,8 +313,8 @@ class Coordinator:
     def _restore_for(self, worker_id: int, t: int) -> Any:
         """The Restore that rebuilds worker_id's state for round t from its mirror (or afresh)."""
         if self.agg.meters[worker_id].messages == 0 or self.agg.x_prev is None:
-            return checkpoint_mod.restore_to_proto(t, None, None)  # the mirror holds nothing of it
-        return checkpoint_mod.restore_to_proto(t, self.agg.mirrors[worker_id], self.agg.x_prev)
+            return codec.restore_to_proto(t, None, None)  # the mirror holds nothing of it
+        return codec.restore_to_proto(t, self.agg.mirrors[worker_id], self.agg.x_prev)
 
     def _gone(self, link: WorkerLink, error: ThreePCError) -> None:
         """The worker's stream is over: end it with `error`, and tell the round loop."""
@@ -604,7 +604,7 @@ async def start_server(
 ) -> tuple[grpc.aio.Server, int]:
     """A started gRPC server for `coordinator`, and the port it bound (listen on port 0 in tests).
 
-    `credentials` (threepc.server.tls.server_credentials): serve TLS instead of plaintext.
+    `credentials` (threepc.common.tls.server_credentials): serve TLS instead of plaintext.
     """
     limit = coordinator.config.wire.max_message_bytes
     # Twice the run's limit at the gRPC layer, so that the coordinator sees (and counts) what it refuses.

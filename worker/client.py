@@ -51,8 +51,7 @@ from threepc.proto.threepc_pb2 import Restore as ProtoRestore
 from threepc.proto.threepc_pb2 import Resync as ProtoResync
 from threepc.proto.threepc_pb2 import Round as ProtoRound
 from threepc.proto.threepc_pb2 import WorkerMessage as ProtoWorkerMessage
-from threepc.server import tls
-from threepc.server.checkpoint import restore_from_proto
+from threepc.common import tls
 
 log = logging.getLogger("threepc.worker")
 
@@ -191,7 +190,7 @@ def _translate(code: grpc.StatusCode, details: str | None, address: str) -> Thre
 
 def _restore(node: WorkerNode, proto: ProtoRestore) -> None:
     """Rebuild the node's mechanism state from the coordinator's mirror (or start afresh)."""
-    restored = restore_from_proto(proto, node.problem.dim)
+    restored = codec.restore_from_proto(proto, node.problem.dim)
     if restored is None:
         node.state = None
     else:
@@ -231,7 +230,9 @@ async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, sessio
         for data in frames(message, chunk_bytes):
             try:
                 await call.write(data)
-            except asyncio.InvalidStateError:  # the coordinator ended the stream meanwhile
+            except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                # The coordinator ended the stream meanwhile (the write may fail either way,
+                # depending on timing): its status says why.
                 raise await ended() from None
             meter.count_sent(category_of(message), len(data))
 

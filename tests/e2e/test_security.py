@@ -199,7 +199,7 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_tls_trusts_only_its_ca_and_host(certificates: dict[str, Path]) -> None:
-    from threepc.server.tls import server_credentials
+    from threepc.common.tls import server_credentials
 
     the_plan = make_plan(CONFIG.replace("rounds = 30", "rounds = 3").replace("workers = 2", "workers = 1"))
     credentials = server_credentials(certificates["cert"], certificates["key"])

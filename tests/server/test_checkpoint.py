@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from threepc.common import codec
 from threepc.common import config as config_mod
 from threepc.common.engine import Aggregator, WorkerNode, load_data, load_shard, local_problem, plan
 from threepc.common.errors import ConfigError, DecodeError
@@ -74,9 +75,9 @@ def test_resume_rows_keeps_the_rounds_before_the_checkpoint(tmp_path: Path) -> N
 def test_a_restore_over_the_wire_rebuilds_the_worker_exactly() -> None:
     """LAG's state (h, y) from the mirror and x^{t-1}, through the proto: the next message is equal."""
     _, nodes, agg = _run(5)
-    proto = checkpoint.restore_to_proto(agg.t, agg.mirrors[1], agg.x_prev)
+    proto = codec.restore_to_proto(agg.t, agg.mirrors[1], agg.x_prev)
     wire = type(proto).FromString(proto.SerializeToString())
-    h, x_prev = checkpoint.restore_from_proto(wire, agg.d)
+    h, x_prev = codec.restore_from_proto(wire, agg.d)
     original = nodes[1]
     rebuilt = WorkerNode(original.config, 1, original.problem)
     rebuilt.restore(h, x_prev)
@@ -87,15 +88,15 @@ def test_a_restore_over_the_wire_rebuilds_the_worker_exactly() -> None:
 
 
 def test_a_restore_without_state_or_with_bad_fields() -> None:
-    assert checkpoint.restore_from_proto(checkpoint.restore_to_proto(3, None, None), 8) is None
-    good = checkpoint.restore_to_proto(3, np.ones(8), np.ones(8))
+    assert codec.restore_from_proto(codec.restore_to_proto(3, None, None), 8) is None
+    good = codec.restore_to_proto(3, np.ones(8), np.ones(8))
     short = type(good)()
     short.CopyFrom(good)
     short.mirror = short.mirror[:-8]
     with pytest.raises(DecodeError, match="restore.mirror: 56 bytes, expected 8 float64"):
-        checkpoint.restore_from_proto(short, 8)
+        codec.restore_from_proto(short, 8)
     zero = type(good)()
     zero.CopyFrom(good)
     zero.round = 0
     with pytest.raises(DecodeError, match="restore.round"):
-        checkpoint.restore_from_proto(zero, 8)
+        codec.restore_from_proto(zero, 8)
