@@ -56,6 +56,8 @@ from typing import Any
 
 import numpy as np
 
+from threepc.benchmarks.raw_grpc import _vm_hwm_mb
+
 CLI = [sys.executable, "-m", "threepc.server.cli"]
 RAW = [sys.executable, "-m", "threepc.benchmarks.raw_grpc"]
 FRAME_BYTES = 5  # gRPC's length prefix, which threepc's meters count (threepc.common.wire)
@@ -80,18 +82,6 @@ def _cpu_s(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _vm_hwm_mb(pid: int) -> float | None:
-    """Peak resident set size so far (VmHWM) in MiB."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def _children(pid: int) -> list[int]:
