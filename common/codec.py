@@ -24,14 +24,17 @@ from threepc.common.payloads import (
     Message,
     Mode,
     QuantizedVector,
+    SeededQuantizedVector,
     SeededSparseVector,
     SignVector,
     SparseVector,
     VectorPayload,
+    perm_k_block,
 )
 from threepc.proto.threepc_pb2 import Diagnostics as ProtoDiagnostics
 from threepc.proto.threepc_pb2 import Dtype as ProtoDtype
 from threepc.proto.threepc_pb2 import Part as ProtoPart
+from threepc.proto.threepc_pb2 import QuantizedVector as ProtoQuantizedVector
 from threepc.proto.threepc_pb2 import Restore as ProtoRestore
 from threepc.proto.threepc_pb2 import Round as ProtoRound
 from threepc.proto.threepc_pb2 import Update as ProtoUpdate
@@ -102,17 +105,14 @@ def fill_part(proto: ProtoPart, part: VectorPayload) -> None:
         seeded.dtype = _DTYPE_TO_PROTO[part.dtype]
         seeded.values = values_to_bytes(part.values, part.dtype)
     elif isinstance(part, QuantizedVector):
-        q = proto.quantized
-        q.grid = int(part.grid)
-        q.levels = part.levels
-        q.scale = part.scale
-        q.offset = part.offset
-        q.signed = part.negative is not None
-        if part.negative is not None:
-            q.signs = bitpack.pack_bits(part.negative)
-        q.level_bits = part.level_bits
-        q.level_codes = bitpack.pack_uints(part.level_codes, part.level_bits)
-        q.seed = part.seed
+        _fill_quantized(proto.quantized, part)
+    elif isinstance(part, SeededQuantizedVector):
+        sq = proto.seeded_quantized
+        sq.rule = int(part.rule)
+        sq.seed = part.seed
+        sq.block = part.block
+        sq.blocks = part.blocks
+        _fill_quantized(sq.quantized, part.quantized)
     elif isinstance(part, SignVector):
         sign = proto.sign
         sign.scale = part.scale
@@ -121,6 +121,19 @@ def fill_part(proto: ProtoPart, part: VectorPayload) -> None:
         sign.rotated = part.rotated
     else:
         raise TypeError(f"no wire form for {type(part).__name__}")
+
+
+def _fill_quantized(q: ProtoQuantizedVector, part: QuantizedVector) -> None:
+    q.grid = int(part.grid)
+    q.levels = part.levels
+    q.scale = part.scale
+    q.offset = part.offset
+    q.signed = part.negative is not None
+    if part.negative is not None:
+        q.signs = bitpack.pack_bits(part.negative)
+    q.level_bits = part.level_bits
+    q.level_codes = bitpack.pack_uints(part.level_codes, part.level_bits)
+    q.seed = part.seed
 
 
 def part_to_proto(part: VectorPayload) -> ProtoPart:
@@ -185,35 +198,48 @@ def part_from_proto(proto: ProtoPart, d: int, field: str = "part") -> VectorPayl
             raise DecodeError(f"{field}.seeded.count: {ss.count} values for a block of {payload.indices(d).size}")
         return payload
     if kind == "quantized":
-        q = proto.quantized
-        if q.grid not in Grid._value2member_map_:
-            raise DecodeError(f"{field}.quantized.grid: unknown grid {q.grid}")
-        if not 1 <= q.level_bits <= 32:
-            raise DecodeError(f"{field}.quantized.level_bits: {q.level_bits} not in [1, 32]")
-        grid = Grid(q.grid)
-        if grid in (Grid.UNIFORM, Grid.NATURAL) and q.levels < 1:
-            raise DecodeError(f"{field}.quantized.levels: {q.levels}, expected s >= 1 for grid {grid.name}")
-        codes = _packed(f"{field}.quantized.level_codes", bitpack.unpack_uints, q.level_codes, d, q.level_bits)
-        top = 254 if grid is Grid.EXPONENT else (q.levels - 1 if grid is Grid.RANGE else q.levels)
-        if codes.size and int(codes.max()) > top:
-            raise DecodeError(f"{field}.quantized.level_codes: level {int(codes.max())} > {top}")
-        negative = _packed(f"{field}.quantized.signs", bitpack.unpack_bits, q.signs, d) if q.signed else None
-        return QuantizedVector(
-            grid,
-            q.levels,
-            _scale(q.scale, f"{field}.quantized.scale"),
-            codes.astype(np.uint32),
-            q.level_bits,
-            negative,
-            _scale(q.offset, f"{field}.quantized.offset"),
-            q.seed,
-        )
+        return _quantized_from_proto(proto.quantized, d, f"{field}.quantized")
+    if kind == "seeded_quantized":
+        sq = proto.seeded_quantized
+        if sq.rule != IndexRule.PERM_K:
+            raise DecodeError(f"{field}.seeded_quantized.rule: {sq.rule}, expected PERM_K")
+        if not (0 < sq.blocks <= d and sq.block < sq.blocks):
+            raise DecodeError(f"{field}.seeded_quantized: block {sq.block} of {sq.blocks} invalid for d = {d}")
+        count = int(perm_k_block(d, sq.seed, sq.block, sq.blocks)[0].size)
+        quantized = _quantized_from_proto(sq.quantized, count, f"{field}.seeded_quantized.quantized")
+        return SeededQuantizedVector(IndexRule.PERM_K, sq.seed, sq.block, sq.blocks, quantized)
     if kind == "sign":
         s = proto.sign
         count = padded_size(d) if s.rotated else d  # DRIVE sends d' = 2^ceil(log2 d) signs
         negative = _packed(f"{field}.sign.signs", bitpack.unpack_bits, s.signs, count)
         return SignVector(_scale(s.scale, f"{field}.sign.scale"), negative, s.rotation_seed, s.rotated)
     raise DecodeError(f"{field}: unknown or missing payload kind")
+
+
+def _quantized_from_proto(q: ProtoQuantizedVector, count: int, field: str) -> QuantizedVector:
+    """`count` validated levels (and signs) on a known grid, scales within float32's range."""
+    if q.grid not in Grid._value2member_map_:
+        raise DecodeError(f"{field}.grid: unknown grid {q.grid}")
+    if not 1 <= q.level_bits <= 32:
+        raise DecodeError(f"{field}.level_bits: {q.level_bits} not in [1, 32]")
+    grid = Grid(q.grid)
+    if grid in (Grid.UNIFORM, Grid.NATURAL) and q.levels < 1:
+        raise DecodeError(f"{field}.levels: {q.levels}, expected s >= 1 for grid {grid.name}")
+    codes = _packed(f"{field}.level_codes", bitpack.unpack_uints, q.level_codes, count, q.level_bits)
+    top = 254 if grid is Grid.EXPONENT else (q.levels - 1 if grid is Grid.RANGE else q.levels)
+    if codes.size and int(codes.max()) > top:
+        raise DecodeError(f"{field}.level_codes: level {int(codes.max())} > {top}")
+    negative = _packed(f"{field}.signs", bitpack.unpack_bits, q.signs, count) if q.signed else None
+    return QuantizedVector(
+        grid,
+        q.levels,
+        _scale(q.scale, f"{field}.scale"),
+        codes.astype(np.uint32),
+        q.level_bits,
+        negative,
+        _scale(q.offset, f"{field}.offset"),
+        q.seed,
+    )
 
 
 # ----------------------------------------------------------------------------- round messages

@@ -166,18 +166,20 @@ class Update(_message.Message):
     def __init__(self, round: _Optional[int] = ..., worker_id: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., parts: _Optional[_Iterable[_Union[Part, _Mapping]]] = ..., flag_bits: _Optional[int] = ...) -> None: ...
 
 class Part(_message.Message):
-    __slots__ = ("dense", "sparse", "seeded", "quantized", "sign")
+    __slots__ = ("dense", "sparse", "seeded", "quantized", "sign", "seeded_quantized")
     DENSE_FIELD_NUMBER: _ClassVar[int]
     SPARSE_FIELD_NUMBER: _ClassVar[int]
     SEEDED_FIELD_NUMBER: _ClassVar[int]
     QUANTIZED_FIELD_NUMBER: _ClassVar[int]
     SIGN_FIELD_NUMBER: _ClassVar[int]
+    SEEDED_QUANTIZED_FIELD_NUMBER: _ClassVar[int]
     dense: DenseVector
     sparse: SparseVector
     seeded: SeededSparseVector
     quantized: QuantizedVector
     sign: SignVector
-    def __init__(self, dense: _Optional[_Union[DenseVector, _Mapping]] = ..., sparse: _Optional[_Union[SparseVector, _Mapping]] = ..., seeded: _Optional[_Union[SeededSparseVector, _Mapping]] = ..., quantized: _Optional[_Union[QuantizedVector, _Mapping]] = ..., sign: _Optional[_Union[SignVector, _Mapping]] = ...) -> None: ...
+    seeded_quantized: SeededQuantizedVector
+    def __init__(self, dense: _Optional[_Union[DenseVector, _Mapping]] = ..., sparse: _Optional[_Union[SparseVector, _Mapping]] = ..., seeded: _Optional[_Union[SeededSparseVector, _Mapping]] = ..., quantized: _Optional[_Union[QuantizedVector, _Mapping]] = ..., sign: _Optional[_Union[SignVector, _Mapping]] = ..., seeded_quantized: _Optional[_Union[SeededQuantizedVector, _Mapping]] = ...) -> None: ...
 
 class DenseVector(_message.Message):
     __slots__ = ("dtype", "values")
@@ -240,6 +242,20 @@ class QuantizedVector(_message.Message):
     level_codes: bytes
     seed: int
     def __init__(self, grid: _Optional[int] = ..., levels: _Optional[int] = ..., scale: _Optional[float] = ..., offset: _Optional[float] = ..., signed: _Optional[bool] = ..., signs: _Optional[bytes] = ..., level_bits: _Optional[int] = ..., level_codes: _Optional[bytes] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class SeededQuantizedVector(_message.Message):
+    __slots__ = ("rule", "seed", "block", "blocks", "quantized")
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZED_FIELD_NUMBER: _ClassVar[int]
+    rule: int
+    seed: int
+    block: int
+    blocks: int
+    quantized: QuantizedVector
+    def __init__(self, rule: _Optional[int] = ..., seed: _Optional[int] = ..., block: _Optional[int] = ..., blocks: _Optional[int] = ..., quantized: _Optional[_Union[QuantizedVector, _Mapping]] = ...) -> None: ...
 
 class SignVector(_message.Message):
     __slots__ = ("scale", "signs", "rotation_seed", "rotated")
