@@ -134,8 +134,8 @@ def build_method(config: RunConfig, d: int) -> m.Mechanism:
         if unknown:
             raise ConfigError(f"method {name!r}: unknown parameter(s) {', '.join(sorted(unknown))}")
         if name == "marina":
-            if c.omega is None and c.ab is None:
-                raise ConfigError(f"marina: {c.name} is neither unbiased nor has AB-inequality constants")
+            if c.omega is None and c.ab is None and c.alpha is not None:
+                raise ConfigError(f"marina: {c.name} is biased; MARINA needs an unbiased compressor")
             return m.marina(c, _marina_p(config, c, d), dtype)
         if not isinstance(config.stepsize, float):
             raise ConfigError("ef14: give an explicit stepsize (the paper states no closed form for it)")
@@ -165,7 +165,9 @@ def marina_stepsize(config: RunConfig, d: int, smooth: Smoothness) -> float:
     if c.omega is not None:
         return 1.0 / (smooth.L_minus + smooth.L_plus * math.sqrt((1 - p) * c.omega(d) / (p * n)))
     if c.ab is None:
-        raise ConfigError(f"marina: {c.name} is neither unbiased nor has AB-inequality constants")
+        raise ConfigError(
+            f"marina: {c.name} states neither omega nor AB-inequality constants: give an explicit stepsize"
+        )
     a, b = c.ab(d, n)
     l_pm = smooth.L_pm if smooth.L_pm is not None else smooth.L_plus
     return 1.0 / (smooth.L_minus + math.sqrt((1 - p) / p * ((a - b) * smooth.L_plus**2 + b * l_pm**2)))
