@@ -8,7 +8,8 @@
     ├── AuthError            a peer failed authentication (missing or wrong join token)
     ├── MismatchError        a worker's data does not fit the run (dimension, rows)
     ├── TransportError       the other end cannot be reached or went away
-    └── DivergedError        the iterate stopped being finite (stepsize too large)
+    ├── DivergedError        the iterate stopped being finite (stepsize too large)
+    └── RunFinishedError     a worker joined a run that has already finished
 
 Each maps to one gRPC status code in `threepc.server.status` (a test checks that every class
 has one), and to a one-line message and a non-zero exit code in the CLI.
@@ -49,3 +50,7 @@ class TransportError(ThreePCError):
 
 class DivergedError(ThreePCError, ArithmeticError):
     """The iterate stopped being finite: the stepsize is too large for this run."""
+
+
+class RunFinishedError(ThreePCError):
+    """A worker joined a run that has already finished (nothing is wrong; there is no work)."""

@@ -205,10 +205,12 @@ def _report(summary: dict, out: str) -> None:
               help="Address:port of the live dashboard and /metrics (or THREEPC_DASHBOARD).")
 @click.option("--no-dashboard", is_flag=True, help="Serve no dashboard.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--linger", is_flag=True, envvar="THREEPC_LINGER",
+              help="After the run, keep serving health and the dashboard until SIGTERM (for Kubernetes).")
 @config_options
 def serve(
     config_file: str | None, listen: str, out: str | None, resume: str | None, token: str,
-    tls_cert: str | None, tls_key: str | None, dashboard: str, no_dashboard: bool, quiet: bool,
+    tls_cert: str | None, tls_key: str | None, dashboard: str, no_dashboard: bool, linger: bool, quiet: bool,
     workers: int | None, rounds: int | None, seed: int | None,
 ) -> None:
     """Run the coordinator of CONFIG_FILE alone; workers join with `threepc worker`.
@@ -259,10 +261,20 @@ def serve(
         click.echo(f"coordinator listening on port {port}; waiting for {config.workers} workers{at}", err=True)
 
     started = time.perf_counter()
+
+    def on_finished(coordinator: Any) -> None:
+        progress.stop()
+        summary = _summary("distributed", the_plan, coordinator.rows, started, coordinator_summary(coordinator))
+        log.close(summary, coordinator.agg.x)
+        _report(summary, out)
+        if linger:
+            click.echo("run finished; lingering until SIGTERM (--linger)", err=True)
+
     try:
-        coordinator = asyncio.run(
+        asyncio.run(
             serve_run(the_plan, listen, on_round, on_listening, token, None if no_dashboard else dashboard, _announce,
-                      out_dir=Path(out), resume=resumed, credentials=credentials)
+                      out_dir=Path(out), resume=resumed, credentials=credentials, on_finished=on_finished,
+                      linger=linger)
         )
     except checkpoint.Stopped as stop:
         progress.stop()
@@ -271,9 +283,6 @@ def serve(
         sys.exit(143)
     finally:
         progress.stop()
-    summary = _summary("distributed", the_plan, coordinator.rows, started, coordinator_summary(coordinator))
-    log.close(summary, coordinator.agg.x)
-    _report(summary, out)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -294,10 +303,12 @@ def serve(
 @click.option("--throttle-round", type=int, multiple=True, hidden=True,
               help="Fault drills: throttle only in this round (repeatable).")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write this worker's meter (JSON) here at the end.")
+@click.option("--linger", is_flag=True, envvar="THREEPC_LINGER",
+              help="After the run, stay up until SIGTERM instead of exiting (for a Kubernetes StatefulSet).")
 def worker(
     coordinator: str, data: str | None, worker_id: int, token: str, connect_timeout: float,
     reconnect_timeout: float, tls_ca: str | None, throttle: float, throttle_round: tuple[int, ...],
-    report: str | None,
+    report: str | None, linger: bool,
 ) -> None:
     """Join the coordinator at HOST:PORT and train until the run is done."""
     import os
@@ -313,7 +324,15 @@ def worker(
         throttle_rounds=frozenset(throttle_round) if throttle_round else None,
     )
     summary = asyncio.run(run_worker(options))
-    click.echo(f"worker {summary['worker_id']}: {summary['rounds']} rounds done", err=True)
+    if summary.get("finished_before_joining"):
+        click.echo("worker: the run had already finished; nothing to do", err=True)
+    else:
+        click.echo(f"worker {summary['worker_id']}: {summary['rounds']} rounds done", err=True)
+    if linger:
+        from threepc.server.launch import until_signalled
+
+        click.echo("worker: lingering until SIGTERM (--linger)", err=True)
+        asyncio.run(until_signalled())
 
 
 @cli.command(context_settings={**CONTEXT, "ignore_unknown_options": True, "allow_extra_args": True})

@@ -48,6 +48,7 @@ from threepc.common.errors import (
     ProtocolError,
     ThreePCError,
     TransportError,
+    RunFinishedError,
 )
 from threepc.common.payloads import Message
 from threepc.common.wire import (
@@ -207,7 +208,7 @@ class Coordinator:
         if self.token and not hmac.compare_digest(join.join.token.encode(), self.token.encode()):
             raise AuthError("join token missing or wrong")
         if self.finished.is_set():
-            raise ProtocolError("the run is over; there is nothing to join")
+            raise RunFinishedError(f"the run has finished ({self.agg.t} rounds); there is nothing to join")
         link = self._register(join.join.requested_id, context.peer(), meter)
         inbound.meter = link.meter
         holder.append(link)

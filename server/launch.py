@@ -111,6 +111,8 @@ async def serve(
     out_dir: Path | None = None,
     resume: tuple[Checkpoint, list[dict]] | None = None,
     credentials: grpc.ServerCredentials | None = None,
+    on_finished: Callable[[Coordinator], None] | None = None,
+    linger: bool = False,
 ) -> Coordinator:
     """Listen on `listen`, run the rounds once every worker is ready, stop gracefully.
 
@@ -124,12 +126,32 @@ async def serve(
     if on_listening:
         on_listening(port)
     try:
-        with stopping_on_sigterm(coordinator):
-            async with dashboard_for(coordinator, dashboard, on_dashboard):
+        async with dashboard_for(coordinator, dashboard, on_dashboard):
+            with stopping_on_sigterm(coordinator):
                 await coordinator.run()
+            if on_finished:
+                on_finished(coordinator)
+            if linger:
+                # Kubernetes restarts a Deployment's process that exits: stay up (health and
+                # dashboard answering, joins refused as finished) until told to stop.
+                log.info("run finished; lingering until SIGTERM")
+                await until_signalled()
     finally:
         await server.stop(5)
     return coordinator
+
+
+async def until_signalled() -> None:
+    """Wait for SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 async def run_local(

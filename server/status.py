@@ -19,6 +19,7 @@ STATUS: dict[type[errors.ThreePCError], grpc.StatusCode] = {
     errors.MismatchError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.TransportError: grpc.StatusCode.UNAVAILABLE,
     errors.DivergedError: grpc.StatusCode.ABORTED,
+    errors.RunFinishedError: grpc.StatusCode.OUT_OF_RANGE,  # a join past the run's last round
 }
 
 

@@ -31,6 +31,7 @@ from threepc.common.errors import (
     AuthError,
     DecodeError,
     DivergedError,
+    RunFinishedError,
     MismatchError,
     ProtocolError,
     ThreePCError,
@@ -62,6 +63,7 @@ _ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT: DecodeError,
     grpc.StatusCode.FAILED_PRECONDITION: ProtocolError,
     grpc.StatusCode.ABORTED: DivergedError,  # the run itself failed: nothing to rejoin
+    grpc.StatusCode.OUT_OF_RANGE: RunFinishedError,  # joined after the last round: nothing to do
 }
 
 
@@ -162,6 +164,9 @@ async def run_worker(options: WorkerOptions) -> dict:
                     code = err.code() if isinstance(err, grpc.aio.AioRpcError) else grpc.StatusCode.UNKNOWN
                     details = err.details() if isinstance(err, grpc.aio.AioRpcError) else str(err)
                     raise _translate(code, details, options.coordinator) from None
+        except RunFinishedError:
+            log.info("worker %d: the run has already finished", session.worker_id)
+            return _summary(session, options, finished_before_joining=True)
         except (AuthError, MismatchError, DivergedError):
             raise  # refused, or the run failed: rejoining would not help
         except ThreePCError as err:
@@ -297,14 +302,21 @@ async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, sessio
         session.rounds += 1
     with contextlib.suppress(asyncio.InvalidStateError):  # the coordinator may have ended it already
         await call.done_writing()
+    session.rows = problem.rows
+    return _summary(session, options)
+
+
+def _summary(session: _Session, options: WorkerOptions, finished_before_joining: bool = False) -> dict:
+    """This worker's figures (its meter included), also written to `--report`."""
     summary = {
-        "worker_id": worker_id,
-        "rows": problem.rows,
+        "worker_id": session.worker_id,
+        "rows": session.rows,
         "rounds": session.rounds,
         "streams": session.streams,
         "restores": session.restores,
         "resyncs": session.resyncs,
-        "meter": meter.as_dict(),
+        "finished_before_joining": finished_before_joining,
+        "meter": session.meter.as_dict(),
     }
     if options.report is not None:
         options.report.parent.mkdir(parents=True, exist_ok=True)

@@ -150,7 +150,10 @@ def test_image_mounts_and_environment_agree_with_compose() -> None:
     for kind, service in (("Deployment", "coordinator"), ("StatefulSet", "worker")):
         c, s = container(kind), compose_service(service)
         assert c["image"] == default_image.group(1)
-        assert env_names(c) - {"THREEPC_WORKER_ID"} == set(s["environment"])
+        # Kubernetes only: the pod ordinal as worker id, and lingering after the run (its
+        # controllers restart a process that exits; compose does not).
+        assert env_names(c) - {"THREEPC_WORKER_ID", "THREEPC_LINGER"} == set(s["environment"])
+        assert next(e for e in c["env"] if e["name"] == "THREEPC_LINGER")["value"] == "1"
         token = next(e for e in c["env"] if e["name"] == "THREEPC_TOKEN")
         assert token["valueFrom"]["secretKeyRef"] == {"name": "threepc-token", "key": "token"}
         data_dir = next(e for e in c["env"] if e["name"] == "THREEPC_DATA_DIR")["value"]
