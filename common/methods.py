@@ -104,14 +104,31 @@ THREE_POINT: dict[str, str] = {
     "3pcv3": "inner={name=...}, c1={name=...}",
     "3pcv4": "c2={name=...}",
     "3pcv5": "p=k/d",
-    "naive": "(no error feedback: g_i = C(grad f_i); can stall or diverge; theory stepsize as GD's)",
+    "naive": "",
 }
 
 
+# The 3PC constants (A, B) of each method, as the 3PC paper's Table 1 gives them (alpha: C's).
+CONSTANTS: dict[str, str] = {
+    "gd": "A = 1, B = 0",
+    "ef21": "A = 1 - sqrt(1 - alpha), B = (1 - alpha) / (1 - sqrt(1 - alpha))",
+    "ef21_plus": "as EF21",
+    "lag": "A = 1, B = zeta",
+    "clag": "A = 1 - sqrt(1 - alpha), B = max((1 - alpha) / (1 - sqrt(1 - alpha)), zeta)",
+    "3pcv1": "A = 1, B = 1 - alpha",
+    "3pcv2": "A = alpha, B = (1 - alpha) omega_q",
+    "3pcv3": "A = 1 - (1 - alpha)(1 - A1), B = (1 - alpha) B1",
+    "3pcv4": "as EF21 with abar = 1 - (1 - alpha1)(1 - alpha2)",
+    "3pcv5": "A = 1 - sqrt(1 - p), B = (1 - p)(1 - alpha) / (1 - sqrt(1 - p))",
+    "naive": "g_i = C(grad f_i), no error feedback: not a 3PC, can stall (stepsize as GD's)",
+    "marina": "gamma = 1/(L_- + L_+ sqrt((1-p) omega / (p n))), or the AB form for PermK",
+    "ef14": "explicit stepsize",
+}
+
 # Methods outside the 3PC family, with their parameters.
 OTHER: dict[str, str] = {
-    "marina": "p=zeta_Q/d (probability of a full round); compressor must be unbiased",
-    "ef14": "none; EF / EC-SGD, needs an explicit stepsize",
+    "marina": "p=zeta_Q/d",
+    "ef14": "- (with [gradient] sgd or lsvrg: EC-SGD, EC-LSVRG)",
 }
 
 

@@ -428,23 +428,29 @@ def plot(metrics: tuple[str, ...], out: str, x_axis: str) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-def methods() -> None:
+@click.option("--dim", "-d", type=int, default=1000, show_default=True, help="d at which to show compressors' constants.")
+@click.option("--workers", "-n", type=int, default=4, show_default=True, help="n, for constants that depend on it.")
+def methods(dim: int, workers: int) -> None:
     """List every method and compressor with its parameters and constants."""
     import inspect
 
     from threepc.common.compressors import COMPRESSORS
-    from threepc.common.methods import OTHER, THREE_POINT
+    from threepc.common.methods import CONSTANTS, OTHER, THREE_POINT
 
     click.echo("methods (method = NAME, or a table with name and parameters):")
     for name, params in {**THREE_POINT, **OTHER}.items():
-        click.echo(f"  {name:12s} {params}")
-    click.echo("compressors (compressor = NAME, parameters in [compressor]):")
+        click.echo(f"  {name:10s} {params or '-':40.40s} {CONSTANTS.get(name, '')}")
+    click.echo(f"compressors (compressor = NAME, or a table), constants at d = {dim}, n = {workers} with defaults:")
     for name, factory in COMPRESSORS.items():
         sig = ", ".join(
             f"{p.name}={p.default!r}" for p in inspect.signature(factory).parameters.values() if p.name != "dtype"
         )
-        doc = (factory.__doc__ or "").strip().splitlines()[0] if factory.__doc__ else ""
-        click.echo(f"  {name:16s} {sig:28s} {doc}")
+        c = factory()
+        figures = [f"{label} = {fn(dim):.4g}" for label, fn in
+                   (("alpha", c.alpha), ("omega", c.omega), ("Delta^2", c.absolute)) if fn is not None]
+        if c.ab is not None:
+            figures.append("A, B = " + ", ".join(f"{v:.4g}" for v in c.ab(dim, workers)))
+        click.echo(f"  {name:20s} {sig or '-':32s} {'; '.join(figures) or 'no constant stated'}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
