@@ -18,6 +18,7 @@ from threepc.common import bitpack
 from threepc.common.errors import DecodeError
 from threepc.common.hadamard import padded_size
 from threepc.common.payloads import (
+    Chosen,
     DenseVector,
     Grid,
     IndexRule,
@@ -84,6 +85,9 @@ def values_from_bytes(data: bytes, proto_dtype: int, count: int, field: str) -> 
 def fill_part(proto: ProtoPart, part: VectorPayload) -> None:
     """Write `part` into `proto` in place (building nested messages by constructor copies
     every bulk field once more: 0.5 s for a dense d = 1e7 vector)."""
+    if isinstance(part, Chosen):
+        proto.choice_bits = part.flag_bits
+        part = part.payload
     if isinstance(part, DenseVector):
         proto.dense.dtype = _DTYPE_TO_PROTO[part.dtype]
         proto.dense.values = values_to_bytes(part.values, part.dtype)
@@ -170,8 +174,18 @@ def _packed(field: str, decode: Callable[..., _R], *args: object) -> _R:
         raise DecodeError(f"{field}: {err}") from None
 
 
+MAX_CHOICE_BITS = 2
+
+
 def part_from_proto(proto: ProtoPart, d: int, field: str = "part") -> VectorPayload:
-    """A validated vector payload of dimension d."""
+    """A validated vector payload of dimension d (wrapped in `Chosen` if it carries a choice)."""
+    if proto.choice_bits > MAX_CHOICE_BITS:
+        raise DecodeError(f"{field}.choice_bits: {proto.choice_bits}, at most {MAX_CHOICE_BITS}")
+    payload = _payload_from_proto(proto, d, field)
+    return Chosen(payload, proto.choice_bits) if proto.choice_bits else payload
+
+
+def _payload_from_proto(proto: ProtoPart, d: int, field: str) -> VectorPayload:
     kind = proto.WhichOneof("kind")
     if kind == "dense":
         values, dtype = values_from_bytes(proto.dense.values, proto.dense.dtype, d, f"{field}.dense.values")

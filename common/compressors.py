@@ -25,6 +25,7 @@ from threepc.common import hadamard
 from threepc.common.errors import ConfigError
 from threepc.common.payloads import (
     SCALE_BITS,
+    Chosen,
     DenseVector,
     Grid,
     IndexRule,
@@ -566,8 +567,8 @@ def bernoulli(p: float = 0.5, inner: Any = None, dtype: str = "float32") -> Comp
     compressor's payload (`inner` a component table {name = ..., params...}; default top_k).
 
     Contractive inner: alpha = p + (1 - p) alpha_in. Unbiased inner: omega = (1 - p) omega_in.
-    Absolute inner: the same Delta^2. The coin costs one flag bit (`flag_bits` = 1), which the
-    mechanism adds to the Message: a vector payload cannot carry it.
+    Absolute inner: the same Delta^2. The coin costs one flag bit: the payload is `Chosen`, which
+    carries (and meters) it.
     """
     from threepc.common.config import Component
 
@@ -580,8 +581,11 @@ def bernoulli(p: float = 0.5, inner: Any = None, dtype: str = "float32") -> Comp
 
     def compress(x: np.ndarray, r: Randomness) -> VectorPayload:
         if r.rng.random() < p:
-            return DenseVector(_frozen(np.array(to_wire_dtype(x, dtype))), dtype)
-        return c.compress(x, r)
+            return Chosen(DenseVector(_frozen(np.array(to_wire_dtype(x, dtype))), dtype))
+        inner_payload = c.compress(x, r)
+        if isinstance(inner_payload, Chosen):  # not reachable (no nested bernoulli), kept exact
+            return Chosen(inner_payload.payload, 1 + inner_payload.flag_bits)
+        return Chosen(inner_payload)
 
     alpha, omega, absolute = c.alpha, c.omega, c.absolute
     return Compressor(

@@ -25,10 +25,11 @@ from threepc.common.config import RunConfig
 from threepc.common.errors import ConfigError, DivergedError
 from threepc.common.mechanisms import Mechanism, WorkerState
 from threepc.common.methods import Smoothness, build_method, stepsize
-from threepc.common.payloads import Message, Mode
 from threepc.common.oracles import make_oracle
-from threepc.common.randomness import round_randomness
+from threepc.common.payloads import Message, Mode
 from threepc.common.problems import Problem, hessian_variance, make_problem
+from threepc.common.randomness import round_randomness
+
 
 def initial_iterate(config: RunConfig, d: int, whole: Problem | None = None) -> np.ndarray:
     """x^0: N(0, I) drawn as numpy.random.default_rng(seed).normal(0, 1, d), zeros, the

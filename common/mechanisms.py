@@ -21,8 +21,8 @@ import numpy as np
 
 from threepc.common.compressors import Compressor, sqrt_one_minus
 from threepc.common.errors import ConfigError
-from threepc.common.randomness import Randomness
 from threepc.common.payloads import DenseVector, Message, Mode, skip, to_wire_dtype
+from threepc.common.randomness import Randomness
 
 ThreePointFn = Callable[[np.ndarray, np.ndarray, np.ndarray, Randomness], Message]
 

@@ -287,6 +287,26 @@ class SeededQuantizedVector:
         return self.bits()
 
 
+@dataclass(frozen=True, eq=False)
+class Chosen:
+    """A payload preceded by a wrapper's choice (Bernoulli: x sent exactly, or compressed).
+
+    The choice costs `flag_bits` on the wire (ALGORITHMS.md: "one flag + payload").
+    """
+
+    payload: DenseVector | SparseVector | SeededSparseVector | QuantizedVector | SignVector | SeededQuantizedVector
+    flag_bits: int = 1
+
+    def dense(self, d: int) -> np.ndarray:
+        return self.payload.dense(d)
+
+    def bits(self) -> int:
+        return self.flag_bits + self.payload.bits()
+
+    def value_bits(self) -> int:
+        return self.payload.value_bits()
+
+
 VectorPayload = (
     DenseVector
     | SparseVector
@@ -294,6 +314,7 @@ VectorPayload = (
     | QuantizedVector
     | SignVector
     | SeededQuantizedVector
+    | Chosen
 )
 
 

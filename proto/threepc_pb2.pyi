@@ -166,20 +166,22 @@ class Update(_message.Message):
     def __init__(self, round: _Optional[int] = ..., worker_id: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., parts: _Optional[_Iterable[_Union[Part, _Mapping]]] = ..., flag_bits: _Optional[int] = ...) -> None: ...
 
 class Part(_message.Message):
-    __slots__ = ("dense", "sparse", "seeded", "quantized", "sign", "seeded_quantized")
+    __slots__ = ("dense", "sparse", "seeded", "quantized", "sign", "seeded_quantized", "choice_bits")
     DENSE_FIELD_NUMBER: _ClassVar[int]
     SPARSE_FIELD_NUMBER: _ClassVar[int]
     SEEDED_FIELD_NUMBER: _ClassVar[int]
     QUANTIZED_FIELD_NUMBER: _ClassVar[int]
     SIGN_FIELD_NUMBER: _ClassVar[int]
     SEEDED_QUANTIZED_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_BITS_FIELD_NUMBER: _ClassVar[int]
     dense: DenseVector
     sparse: SparseVector
     seeded: SeededSparseVector
     quantized: QuantizedVector
     sign: SignVector
     seeded_quantized: SeededQuantizedVector
-    def __init__(self, dense: _Optional[_Union[DenseVector, _Mapping]] = ..., sparse: _Optional[_Union[SparseVector, _Mapping]] = ..., seeded: _Optional[_Union[SeededSparseVector, _Mapping]] = ..., quantized: _Optional[_Union[QuantizedVector, _Mapping]] = ..., sign: _Optional[_Union[SignVector, _Mapping]] = ..., seeded_quantized: _Optional[_Union[SeededQuantizedVector, _Mapping]] = ...) -> None: ...
+    choice_bits: int
+    def __init__(self, dense: _Optional[_Union[DenseVector, _Mapping]] = ..., sparse: _Optional[_Union[SparseVector, _Mapping]] = ..., seeded: _Optional[_Union[SeededSparseVector, _Mapping]] = ..., quantized: _Optional[_Union[QuantizedVector, _Mapping]] = ..., sign: _Optional[_Union[SignVector, _Mapping]] = ..., seeded_quantized: _Optional[_Union[SeededQuantizedVector, _Mapping]] = ..., choice_bits: _Optional[int] = ...) -> None: ...
 
 class DenseVector(_message.Message):
     __slots__ = ("dtype", "values")

@@ -22,6 +22,7 @@ from threepc.common.errors import DecodeError
 from threepc.common.hadamard import padded_size, rotation
 from threepc.common.payloads import (
     VALUE_DTYPES,
+    Chosen,
     DenseVector,
     Grid,
     IndexRule,
@@ -149,6 +150,8 @@ def expected_bits(part: VectorPayload) -> int:
         return 32 + part.negative.size
     if isinstance(part, SeededQuantizedVector):  # the seed travels in place of indices
         return expected_bits(part.quantized)
+    if isinstance(part, Chosen):  # a wrapper's choice flag, then the payload
+        return part.flag_bits + expected_bits(part.payload)
     raise TypeError(type(part).__name__)
 
 
@@ -1059,3 +1062,15 @@ def test_fuzz_harness_sees_a_crash_and_a_state_change(monkeypatch: pytest.Monkey
     monkeypatch.setattr(engine.Aggregator, "apply", apply_then_refuse)
     _, failures = run_fuzz(300)
     assert ("state changed", "refused") in failures
+
+
+def test_a_choice_flag_travels_and_an_absurd_one_is_refused() -> None:
+    from threepc.common.payloads import Chosen
+
+    part = Chosen(DenseVector(np.ones(4, np.float32)))
+    proto = codec.part_to_proto(part)
+    decoded = codec.part_from_proto(proto, 4)
+    assert isinstance(decoded, Chosen) and decoded.bits() == 1 + 4 * 32
+    proto.choice_bits = 7
+    with pytest.raises(DecodeError, match="choice_bits"):
+        codec.part_from_proto(proto, 4)

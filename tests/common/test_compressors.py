@@ -453,10 +453,10 @@ def test_bernoulli_constants_and_flag() -> None:
     assert c.flag_bits == 1 and not c.deterministic
     q = make_compressor("bernoulli", {"p": 0.25, "inner": {"name": "qsgd", "s": 2}}, "float32")
     assert q.omega is not None and math.isclose(q.omega(16), 0.75 * min(16 / 4, 4 / 2))
-    kinds = {
-        type(c.compress(np.ones(10), round_randomness(0, t, 0, 1))).__name__ for t in range(40)
-    }
-    assert kinds == {"DenseVector", "SparseVector"}
+    payloads = [c.compress(np.ones(10), round_randomness(0, t, 0, 1)) for t in range(40)]
+    assert {type(p.payload).__name__ for p in payloads} == {"DenseVector", "SparseVector"}
+    # The coin is metered: one bit on top of the chosen payload.
+    assert all(p.flag_bits == 1 and p.bits() == 1 + p.payload.bits() for p in payloads)
 
 
 # ----------------------------------------------------------------------------- bits and the wire
@@ -522,8 +522,8 @@ def test_bits_match_the_formula(case: tuple[str, dict[str, Any]], dtype: str, d:
     for i in range(3):
         p = c.compress(x, round_randomness(0, 0, i, 3))
         if name == "bernoulli":
-            inner = "identity" if isinstance(p, DenseVector) else params["inner"]["name"]
-            assert p.bits() == _expected_bits(inner, {}, p, d, dtype)
+            inner = "identity" if isinstance(p.payload, DenseVector) else params["inner"]["name"]
+            assert p.bits() == 1 + _expected_bits(inner, {}, p.payload, d, dtype)
         else:
             assert p.bits() == _expected_bits(name, params, p, d, dtype)
         assert p.value_bits() <= p.bits()
