@@ -21,7 +21,7 @@ from typing import Callable, Collection
 import numpy as np
 
 from threepc.common import data as data_mod
-from threepc.common.config import RunConfig
+from threepc.common.config import Component, RunConfig
 from threepc.common.errors import ConfigError, DivergedError
 from threepc.common.mechanisms import Mechanism, WorkerState
 from threepc.common.methods import Smoothness, build_method, stepsize
@@ -101,6 +101,10 @@ def plan(config: RunConfig) -> Plan:
     mechanism = build_method(config.model_copy(update={"stepsize": 1.0}), d)
     gamma = stepsize(config, mechanism, d, smooth)
     resolved = config.model_copy(update={"stepsize": gamma, "stepsize_multiplier": 1.0})
+    if config.method.name == "marina" and config.method.params.get("iscc") and "weights" not in config.method.params:
+        # ISCC samples worker j with q_j proportional to L_j: workers get the weights from here.
+        method = Component.model_validate({**config.method.model_dump(), "weights": list(L_i)})
+        resolved = resolved.model_copy(update={"method": method})
     x0 = initial_iterate(config, d, whole)
     return Plan(config, resolved, d, gamma, smooth, x0, full.source, resolve_downlink(config, mechanism, d))
 

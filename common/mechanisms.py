@@ -201,12 +201,16 @@ def ef21_plus_3pc(c: Compressor) -> ThreePointFn:
 COIN = 0xC011  # tag of MARINA's coin in the round's shared randomness
 
 
-def marina(q: Compressor, p: float, dtype: str) -> Mechanism:
+def marina(q: Compressor, p: float, dtype: str, sampling: tuple[float, ...] | None = None) -> Mechanism:
     """MARINA (Gorbunov et al. 2021; ALGORITHMS.md section 3).
 
     One coin c_t ~ Bernoulli(p) per round, the same for every worker (drawn from the round's
     shared randomness, so the coordinator knows it and no flag is sent). c_t = 1: send
     grad f_i(x^{t+1}) dense; else Q(grad f_i(x^{t+1}) - grad f_i(x^t)), added to the mirror.
+
+    `sampling` = (q_1, ..., q_n): the importance-sampling combinatorial compressor (ISCC): in a
+    compressed round one worker j ~ q (shared draw) sends Q(a_j / q_j), so its mirror moves by
+    that and g by Q(a_j) / (n q_j); the others send nothing (the coordinator knows j: no flag).
     """
 
     def first(grad: np.ndarray, r: Randomness) -> tuple[Message, WorkerState]:
@@ -216,11 +220,18 @@ def marina(q: Compressor, p: float, dtype: str) -> Mechanism:
     def step(state: WorkerState, grad: np.ndarray, r: Randomness) -> tuple[Message, WorkerState]:
         if r.shared(COIN).random() < p:
             message = dense_message(grad, dtype)
-        else:
+        elif sampling is None:
             message = Message(Mode.DELTA, (q.compress(grad - state.y, r),))
+        else:
+            chosen = int(r.shared(COIN, 1).choice(len(sampling), p=sampling))
+            if chosen == r.worker_id:
+                message = Message(Mode.DELTA, (q.compress((grad - state.y) / sampling[chosen], r),))
+            else:
+                message = Message(Mode.DELTA, (), 0)  # not chosen: nothing to send, nothing to flag
         return message, WorkerState(message.apply(state.h), grad)
 
-    return Mechanism("marina", first, step, lambda d: Constants(1.0, 0.0), needs_all=True)
+    name = "marina" if sampling is None else "marina_iscc"
+    return Mechanism(name, first, step, lambda d: Constants(1.0, 0.0), needs_all=True)
 
 
 class ErrorFeedbackState(NamedTuple):

@@ -127,7 +127,7 @@ CONSTANTS: dict[str, str] = {
 
 # Methods outside the 3PC family, with their parameters.
 OTHER: dict[str, str] = {
-    "marina": "p=zeta_Q/d",
+    "marina": "p=zeta_Q/d, iscc=false, weights=L_j",
     "ef14": "- (with [gradient] sgd or lsvrg: EC-SGD, EC-LSVRG)",
 }
 
@@ -141,19 +141,32 @@ def _marina_p(config: RunConfig, c: Compressor, d: int) -> float:
     return p
 
 
+def _iscc_sampling(config: RunConfig) -> tuple[float, ...] | None:
+    """MARINA's ISCC probabilities q_j: `weights` (the plan sets them from L_j), normalized;
+    uniform if none; None without `iscc = true`."""
+    params = config.method.params
+    if not params.get("iscc", False):
+        return None
+    weights = params.get("weights") or [1.0] * config.workers
+    if len(weights) != config.workers or min(weights) <= 0:
+        raise ConfigError(f"marina: iscc weights must be {config.workers} positive numbers, got {weights}")
+    total = float(sum(weights))
+    return tuple(float(w) / total for w in weights)
+
+
 def build_method(config: RunConfig, d: int) -> m.Mechanism:
     """The run's worker mechanism at dimension d."""
     dtype = config.wire.value_dtype
     c = make_compressor(config.compressor.name, config.compressor.params, dtype)
     name = config.method.name
     if name in OTHER:
-        unknown = set(config.method.params) - ({"p"} if name == "marina" else set())
+        unknown = set(config.method.params) - ({"p", "iscc", "weights"} if name == "marina" else set())
         if unknown:
             raise ConfigError(f"method {name!r}: unknown parameter(s) {', '.join(sorted(unknown))}")
         if name == "marina":
             if c.omega is None and c.ab is None and c.alpha is not None:
                 raise ConfigError(f"marina: {c.name} is biased; MARINA needs an unbiased compressor")
-            return m.marina(c, _marina_p(config, c, d), dtype)
+            return m.marina(c, _marina_p(config, c, d), dtype, _iscc_sampling(config))
         if not isinstance(config.stepsize, float):
             raise ConfigError("ef14: give an explicit stepsize (the paper states no closed form for it)")
         return m.error_feedback(c, config.stepsize * config.stepsize_multiplier)
@@ -196,6 +209,8 @@ def stepsize(config: RunConfig, mechanism: m.Mechanism, d: int, smooth: Smoothne
         base = config.stepsize
     elif config.method.name == "ef14":
         raise ConfigError("ef14: give an explicit stepsize (the paper states no closed form for it)")
+    elif config.method.name == "marina" and config.method.params.get("iscc", False):
+        raise ConfigError("marina with iscc: give an explicit stepsize (its theory needs the paper's ISCC constants)")
     elif config.method.name == "marina":
         base = marina_stepsize(config, d, smooth)
     else:

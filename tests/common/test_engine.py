@@ -91,6 +91,8 @@ METHODS = [
     ({"method": {"name": "3pcv5", "p": 0.2}}, 1e-2),
     ({"method": "marina", "compressor": {"name": "rand_k", "k": 5}}, 1e-2),
     ({"method": "marina", "compressor": "perm_k"}, 1e-2),  # AB-inequality stepsize
+    ({"method": {"name": "marina", "iscc": True, "p": 0.2}, "stepsize": 0.5,
+      "compressor": {"name": "rand_k", "k": 5}}, 1e-2),  # importance-sampling combinatorial Q
     ({"method": {"name": "marina", "p": 0.3}, "compressor": {"name": "cq"}}, 1e-2),
     ({"method": "ef14", "stepsize": 0.5}, 1e-2),
 ]
@@ -248,3 +250,15 @@ def test_sparse_in_place_apply_equals_the_dense_path() -> None:
         slow.g_sum += new - old
         slow.mirrors[i] = new
     assert np.array_equal(fast.mirrors, slow.mirrors) and np.array_equal(fast.g_sum, slow.g_sum)
+
+
+def test_iscc_sends_from_one_worker_per_compressed_round() -> None:
+    cfg = small(rounds=60, method={"name": "marina", "iscc": True, "p": 0.1}, stepsize=0.5,
+                compressor={"name": "rand_k", "k": 5})
+    p = engine.plan(cfg)
+    assert len(p.resolved.method.params["weights"]) == 3  # q_j from L_j, handed to the workers
+    rows = engine.run_in_process(p).rows
+    total_skips = sum(r["skips"] for r in rows[1:])
+    # Every round after 0 either is full (nobody skips) or compressed (exactly 2 of 3 skip).
+    assert total_skips % 2 == 0 and total_skips > 0
+    assert all(r["skips"] in (0, 2) for r in rows)

@@ -143,8 +143,9 @@ def test_worker_with_the_wrong_dimension_is_refused(tmp_path: Path) -> None:
         'method = { name = "clag", zeta = 2.0 }',  # skips travel as a flag
         'method = "marina"\ncompressor = { name = "rand_k", k = 4 }',  # shared coin, seeded indices
         'method = { name = "3pcv2", q = { name = "rand_k", k = 4 } }\ncompressor = { name = "top_k", k = 2 }',
+        'method = { name = "marina", iscc = true, p = 0.2 }\nstepsize = 0.5\ncompressor = { name = "rand_k", k = 4 }',
     ],
-    ids=["clag", "marina", "3pcv2"],
+    ids=["clag", "marina", "3pcv2", "marina-iscc"],
 )
 def test_other_methods_are_identical_over_the_wire(method: str, tmp_path: Path) -> None:
     config = write_config(
