@@ -479,8 +479,13 @@ def iq(levels: int = 2, dtype: str = "float32") -> Compressor:
     def compress(x: np.ndarray, r: Randomness) -> VectorPayload:
         return _range_quantized(x, r.rng.random(x.size), levels)
 
+    return _range_compressor(f"iq(levels={levels})", compress, levels, dtype)
+
+
+def _range_compressor(name: str, compress: CompressFn, levels: int, dtype: str) -> Compressor:
+    """IQ's and CQ's constants: unbiased with omega = d/(2 (k - 1)^2); 64 + d ceil(log2 k) bits."""
     return Compressor(
-        f"iq(levels={levels})",
+        name,
         compress,
         omega=_range_omega(levels),
         density=lambda d: _fraction(2 * SCALE_BITS + d * _level_bits(levels), d, dtype),
@@ -506,13 +511,7 @@ def cq(levels: int = 2, dtype: str = "float32") -> Compressor:
         u = _stratified_uniforms(r, (_CQ_TAG,), r.worker_id, r.n_workers, x.size)
         return _range_quantized(x, u, levels)
 
-    return Compressor(
-        f"cq(levels={levels})",
-        compress,
-        omega=_range_omega(levels),
-        density=lambda d: _fraction(2 * SCALE_BITS + d * _level_bits(levels), d, dtype),
-        deterministic=False,
-    )
+    return _range_compressor(f"cq(levels={levels})", compress, levels, dtype)
 
 
 def perm_k_cq(blocks: int = 2, levels: int = 2, dtype: str = "float32") -> Compressor:

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from threepc.common import mechanisms as m
 from threepc.common.compressors import Compressor, make_compressor
@@ -217,5 +217,3 @@ def stepsize(config: RunConfig, mechanism: m.Mechanism, d: int, smooth: Smoothne
         base = theory_stepsize(mechanism, d, smooth)
     return base * config.stepsize_multiplier
 
-
-CompressorFactory = Callable[..., Compressor]
