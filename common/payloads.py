@@ -377,6 +377,11 @@ class Message:
         they are: the coordinator's in-place path (engine.Aggregator.apply) does the very same.
         """
         if self.mode is Mode.REPLACE:
+            if len(self.parts) == 1 and isinstance(self.parts[0], DenseVector):
+                # Rounding the values into the mirror's dtype directly is what the float64 detour
+                # gives, without two d-sized temporaries; same dtype: the values themselves
+                # (states are replaced, never mutated).
+                return self.parts[0].values.astype(mirror.dtype, copy=False)
             return self.dense(mirror.size).astype(mirror.dtype, copy=False)
         if not self.parts:
             return mirror
