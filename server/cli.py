@@ -218,8 +218,9 @@ def serve(
     """Run the coordinator of CONFIG_FILE alone; workers join with `threepc worker`.
 
     The rounds start once every one of the config's n workers has joined and is ready.
-    It writes OUT/checkpoint.npz every `checkpoint_every` rounds and on SIGTERM (then exits
-    with code 143); `threepc serve --resume OUT` continues the run, and the workers rejoin.
+    It writes OUT/checkpoint.npz every `checkpoint_every` rounds and on SIGTERM (after the open
+    round finishes; then exits with code 143); `threepc serve --resume OUT` continues the run,
+    and the workers rejoin.
     """
     from threepc.common.engine import plan
     from threepc.common.errors import ConfigError

@@ -11,21 +11,22 @@ Faults (DESIGN.md, "The round protocol"):
   A worker that is gone or late is `absent`: its mirror g_i stays (a lazy skip for the 3PC
   family); for methods that need every worker (EF, MARINA) `absent_policy` decides: "wait"
   keeps the round open until it answers (or rejoins), "drop" closes it and rescales.
-- Messages are applied only when their round closes, in worker-id order, so a round's state is
-  all or nothing and both transports add in the same order.
+- Messages are applied as they come, in worker-id order (one that comes before a lower id's
+  waits for it), so both transports add in the same order and the close phase is short. The
+  order passes a worker that is gone (it is absent this round) unless the round waits for all.
 - A worker's mechanism state must equal what the coordinator's mirror rebuilds. A worker whose
   message was not applied (late, refused, or it rejoined) gets a Restore (its mirror g_i and
   x^{t-1}) before its next Round; an update for a closed round is refused and counted (`late`).
 - A malformed message is refused and counted (`refused`), never applied; its stream is ended
   with INVALID_ARGUMENT and the worker may rejoin with the same id.
 - `checkpoint()` writes the state that must survive (server/checkpoint.py); `request_stop()`
-  (SIGTERM) abandons the open round, writes a checkpoint and ends the run with `Stopped`.
+  (SIGTERM) lets the open round finish (or abandons it if none of its updates was applied yet),
+  writes a checkpoint and ends the run with `Stopped`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import time
@@ -35,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from threepc.common import codec
@@ -46,9 +46,9 @@ from threepc.common.errors import (
     DecodeError,
     MismatchError,
     ProtocolError,
+    RunFinishedError,
     ThreePCError,
     TransportError,
-    RunFinishedError,
 )
 from threepc.common.payloads import Message
 from threepc.common.wire import (
@@ -74,6 +74,10 @@ log = logging.getLogger("threepc.coordinator")
 VERSION = "0.1.0"
 
 Frames = tuple[str, list[bytes]]  # a message's category and the gRPC messages that carry it
+
+
+class _StopRequested(Exception):
+    """Asked to stop (SIGTERM) with no round open or one of which nothing was applied."""
 
 
 @dataclass
@@ -108,6 +112,8 @@ class Coordinator:
       meter, kept across its streams), `refused` (malformed messages) and `late` (updates that
       came after their round closed) per worker;
     - the round being collected: `_collecting` (its t, or None between rounds), `_answered`,
+      `_applied` (worker ids, in order), `_held` (updates waiting for a lower id's), `_cursor`
+      (the lowest id the order has not passed),
       `_round_frames` (its Round, serialized once: the change of g_sum under the delta downlink,
       else x), `_dense_frames` (x and g_sum, for streams that cannot follow: new, or asked for a
       resync), `_events` (what the streams tell the loop);
@@ -139,6 +145,9 @@ class Coordinator:
         self._config_json = config_mod.to_json(plan.resolved)
         self._collecting: int | None = None
         self._answered: set[int] = set()
+        self._applied: list[int] = []
+        self._held: dict[int, Message] = {}
+        self._cursor = 0
         self._round_frames: Frames | None = None
         self._dense_frames: Frames | None = None
         self.delta = plan.downlink == "delta"
@@ -179,8 +188,10 @@ class Coordinator:
         return path
 
     def request_stop(self) -> None:
-        """Stop soon (SIGTERM): abandon the open round, checkpoint, end the run with `Stopped`."""
+        """Stop soon (SIGTERM): finish the open round (abandon it if nothing of it was applied),
+        checkpoint, end the run with `Stopped`."""
         self._stop.set()
+        self._events.put_nowait((-1, "stop", None))  # wakes the round loop
 
     # ------------------------------------------------------------------ the stream
 
@@ -244,7 +255,7 @@ class Coordinator:
         )
         if sum(w.live for w in self.links.values()) == self.config.workers:
             self.all_ready.set()
-        if self._collecting is not None:
+        if self._collecting is not None and link.worker_id >= self._cursor:
             self._send_round(link, self._collecting)  # joined mid-round: it may still answer
         self._events.put_nowait((link.worker_id, "ready", None))
         reader = asyncio.create_task(self._read_rounds(context, inbound, link))
@@ -356,17 +367,17 @@ class Coordinator:
                     if r % self.config.diagnostics_every == 0:
                         pending = (r, decoded)
                     else:
-                        self._events.put_nowait((wid, "update", (r, decoded, None)))
+                        self._events.put_nowait((wid, "update", (r, decoded)))
                 elif kind == "diagnostics" and pending is not None:
                     r, decoded = pending
                     diag = codec.diagnostics_from_proto(message.diagnostics, d, r, wid)
                     pending = None
                     if r == self._collecting:
-                        # Its update will be applied when the round closes: its figures count now,
-                        # and the gradient (a d-vector per worker) is not held until then.
+                        # Its figures count now: the gradient (a d-vector per worker) is not held
+                        # while the update waits for its turn.
                         self.agg.add_diagnostics(*diag)
                         del diag
-                        self._events.put_nowait((wid, "update", (r, decoded, None)))
+                        self._events.put_nowait((wid, "update", (r, decoded)))
                     else:
                         self._late(link, r)  # its round closed between the update and these
                 elif kind == "diagnostics" and message.diagnostics.round == dropped:
@@ -394,11 +405,11 @@ class Coordinator:
 
     def _open_for(self, worker_id: int, r: int) -> bool:
         """Whether worker_id's update for round r may be taken; a late or duplicate one is refused."""
-        if r == self._collecting and worker_id not in self._answered:
+        if r == self._collecting and worker_id not in self._answered and worker_id >= self._cursor:
             return True
         link = self.links[worker_id]
-        if r < self.agg.t:
-            self._late(link, r)
+        if r < self.agg.t or (r == self._collecting and worker_id not in self._answered):
+            self._late(link, r)  # its round closed, or the order passed it (it was gone)
         elif r == self._collecting:
             self.refused[worker_id] += 1
             self._refused_round += 1
@@ -409,38 +420,27 @@ class Coordinator:
 
     def _late(self, link: WorkerLink, r: int) -> None:
         self.late[link.worker_id] += 1
-        log.info("worker %d: refused its update for round %d, which has closed", link.worker_id, r)
+        log.info("worker %d: refused its update for round %d, too late for it", link.worker_id, r)
 
     # ------------------------------------------------------------------ the rounds
 
     async def run(self) -> list[dict]:
         """Wait for every worker, run the rounds, tell the workers the run is done.
 
-        On `request_stop` the open round is abandoned (nothing of it was applied), a checkpoint
-        is written and `checkpoint.Stopped` is raised.
+        On `request_stop` the open round finishes (or is abandoned if nothing of it was applied
+        yet), a checkpoint is written and `checkpoint.Stopped` is raised.
         """
-        rounds = asyncio.ensure_future(self._rounds())
-        stop = asyncio.ensure_future(self._stop.wait())
         stopped: Path | None = None
         failure: ThreePCError | None = None
         try:
-            await asyncio.wait({rounds, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if rounds.done():
-                try:
-                    return rounds.result()
-                except ThreePCError as err:
-                    failure = err  # the workers learn why the run ended (e.g. DivergedError)
-                    raise
-            rounds.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await rounds
+            return await self._rounds()
+        except _StopRequested:
             stopped = self.checkpoint() or Path("(no checkpoint dir)")
-            raise checkpoint_mod.Stopped(self.agg.t, stopped)
-        except asyncio.CancelledError:
-            rounds.cancel()
+            raise checkpoint_mod.Stopped(self.agg.t, stopped) from None
+        except ThreePCError as err:
+            failure = err  # the workers learn why the run ended (e.g. DivergedError)
             raise
         finally:
-            stop.cancel()
             for link in self.links.values():
                 if stopped is not None and link.error is None:
                     link.error = TransportError("the coordinator stopped (checkpoint written); rejoin when it resumes")
@@ -450,19 +450,45 @@ class Coordinator:
             self.finished.set()
 
     async def _rounds(self) -> list[dict]:
-        await self.all_ready.wait()
+        await self._until_all_ready()
         self.started_at = time.perf_counter() - (self.rows[-1]["elapsed_s"] if self.rows else 0.0)
         every = self.config.checkpoint_every
         for t in range(self.agg.t, self.config.rounds):
+            if self._stop.is_set():
+                raise _StopRequested
             await self._round(t)
             if every and self.agg.t % every == 0:
                 self.checkpoint()
         self._over = True
         self._broadcast(ProtoCoordinatorMessage(done=ProtoDone(rounds=self.agg.t, reason="finished")))
+        await self._drained()
         return self.rows
 
+    async def _drained(self, timeout_s: float = 5.0) -> None:
+        """Until every stream has taken what is queued for it (its meter counts it then), so
+        that the totals the caller writes include Done; at most `timeout_s`."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        while loop.time() < end and any(
+            not link.outbox.empty() for link in self.links.values() if link.error is None
+        ):
+            await asyncio.sleep(0.001)
+
+    async def _until_all_ready(self) -> None:
+        """Wait until every worker is ready; _StopRequested if asked to stop first."""
+        if not self.all_ready.is_set():
+            waits = [asyncio.ensure_future(e.wait()) for e in (self.all_ready, self._stop)]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+        if self._stop.is_set():
+            raise _StopRequested
+
     async def _round(self, t: int) -> None:
-        """Broadcast round t, collect until all live workers answered or the deadline, close it."""
+        """Broadcast round t, apply its updates in worker-id order as they come, and close it when
+        every live worker has answered, or at the deadline."""
         n, timeout = self.config.workers, self.config.round_timeout_s
         self._dense_frames = None
         change = self.agg.change if self.delta and t > 0 else None
@@ -474,9 +500,8 @@ class Coordinator:
                 message.round, t, self.agg.x.dtype.name, change[0], change[1], self.plan.dim, digest(self.agg.x)
             )
             self._round_frames = (category_of(message), frames(message, self.config.wire.chunk_bytes))
-        self._answered = set()
+        self._answered, self._applied, self._held, self._cursor = set(), [], {}, 0
         self._collecting = t
-        received: dict[int, tuple[Message, tuple[float, np.ndarray] | None]] = {}
         loop = asyncio.get_running_loop()
         try:
             for link in self.links.values():
@@ -484,14 +509,20 @@ class Coordinator:
                     self._send_round(link, t)
             deadline = loop.time() + timeout
             while True:
+                while not self._events.empty():  # every update read so far, before liveness is judged
+                    self._take(t, self._events.get_nowait())
+                self._apply_in_order(t)
                 live = {i for i, link in self.links.items() if link.live}
-                nobody = not live and not received  # a round closed by no one would move x for nothing
-                blocking = (set(range(n)) if self.wait_for_all or nobody else live) - received.keys()
+                answered = self._held.keys() | set(self._applied)
+                nobody = not live and not answered  # a round closed by no one would move x for nothing
+                blocking = (set(range(n)) if self.wait_for_all or nobody else live) - answered
                 if not blocking:
                     break
+                if self._stop.is_set() and not self._applied:
+                    raise _StopRequested  # nothing of round t was applied: the state is still its start
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    if self.wait_for_all or nobody:
+                    if (self.wait_for_all or nobody) and not self._stop.is_set():
                         why = "absent_policy = wait" if live else "no worker is connected"
                         log.warning("round %d: still waiting for workers %s (%s)", t, sorted(blocking), why)
                         deadline = loop.time() + timeout
@@ -499,19 +530,48 @@ class Coordinator:
                     log.warning("round %d: closing without workers %s after %g s", t, sorted(blocking), timeout)
                     break
                 try:
-                    worker_id, kind, item = await asyncio.wait_for(self._events.get(), remaining)
+                    self._take(t, await asyncio.wait_for(self._events.get(), remaining))
                 except TimeoutError:
                     continue
-                if kind == "update" and item[0] == t:
-                    received[worker_id] = (item[1], item[2])
             self._collecting = None
             while not self._events.empty():  # taken by a reader before the round closed
-                worker_id, kind, item = self._events.get_nowait()
-                if kind == "update" and item[0] == t:
-                    received[worker_id] = (item[1], item[2])
+                self._take(t, self._events.get_nowait())
         finally:
             self._collecting = None
-        self._close_round(t, received)
+        self._close_round(t)
+
+    def _take(self, t: int, event: tuple[int, str, Any]) -> None:
+        """Hold an update of round t until its turn (other events only wake the loop)."""
+        worker_id, kind, item = event
+        if kind == "update" and item[0] == t:
+            if worker_id < self._cursor:  # the order passed it while it was gone
+                self._late(self.links[worker_id], t)
+            else:
+                self._held[worker_id] = item[1]
+
+    def _apply_in_order(self, t: int) -> None:
+        """Apply the held updates of round t whose turn has come: the order moves past a worker
+        once its update is applied, or once it is gone and the round may close without it."""
+        n = self.config.workers
+        while self._cursor < n:
+            worker_id = self._cursor
+            message = self._held.pop(worker_id, None)
+            if message is not None:
+                self._apply(worker_id, message, t)
+            else:
+                link = self.links.get(worker_id)
+                others = any(w.live for w in self.links.values()) or self._applied or self._held
+                if self.wait_for_all or (link is not None and link.live) or not others:
+                    return
+            self._cursor += 1
+
+    def _apply(self, worker_id: int, message: Message, t: int) -> None:
+        self.agg.apply(worker_id, message)
+        self._applied.append(worker_id)
+        link = self.links.get(worker_id)
+        if link is not None:
+            link.last_round = t
+            link.synced_round = t + 1  # its state advanced exactly as the mirror did
 
     def _send_round(self, link: WorkerLink, t: int) -> None:
         """Round t to one worker, after a Restore if its state may differ from the mirror's."""
@@ -536,19 +596,14 @@ class Coordinator:
             self._dense_frames = (category_of(message), frames(message, self.config.wire.chunk_bytes))
         return self._dense_frames
 
-    def _close_round(self, t: int, received: dict[int, tuple[Message, tuple[float, np.ndarray] | None]]) -> None:
-        """Apply round t's messages in worker-id order, step, and write the round's row."""
+    def _close_round(self, t: int) -> None:
+        """Apply round t's updates still held (in worker-id order: those after an absent worker),
+        step, and write the round's row."""
         n = self.config.workers
-        for worker_id in sorted(received):
-            message, diagnostics = received[worker_id]
-            self.agg.apply(worker_id, message)
-            if diagnostics is not None:
-                self.agg.add_diagnostics(*diagnostics)
-            link = self.links.get(worker_id)
-            if link is not None:
-                link.last_round = t
-                link.synced_round = t + 1  # its state advanced exactly as the mirror did
-        absent = [i for i in range(n) if i not in received]
+        for worker_id in sorted(self._held):
+            self._apply(worker_id, self._held.pop(worker_id), t)
+        applied = set(self._applied)
+        absent = [i for i in range(n) if i not in applied]
         late = [i for i in absent if i in self.links and self.links[i].live]
         if absent and self.agg.needs_all:
             log.warning("round %d: workers %s absent; %s over the %d present (absent_policy = drop)",

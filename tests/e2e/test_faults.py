@@ -166,6 +166,74 @@ def test_a_straggler_does_not_stall_the_round_and_is_resynced_from_the_mirror() 
     assert np.array_equal(c.agg.x, reference_x(the_plan, rows))
 
 
+def test_updates_that_come_out_of_order_are_applied_in_worker_id_order() -> None:
+    """Worker 0 answers last every round: 1-3 wait for it, and the sum is the in-process one."""
+    the_plan = make_plan(
+        f'workers = 4\nrounds = 8\nseed = 4\nmethod = "gd"\ncompressor = "identity"\n{SYNTHETIC}'
+        '[wire]\niterate_dtype = "float64"\nvalue_dtype = "float64"\n'
+    )  # dense float64 sums and iterate: another order would round differently
+    waited: list[int] = []
+
+    async def main() -> Coordinator:
+        async with on_loopback(the_plan) as (c, address):
+            async def watch() -> None:
+                while not c.finished.is_set():
+                    if c._collecting is not None and not c._applied and c._held:
+                        waited.append(len(c._held))  # later ids in hand, worker 0's not yet
+                    await asyncio.sleep(0.002)
+
+            await asyncio.gather(
+                c.run(), watch(),
+                run_worker(worker(address, 0, throttle_s=0.05)),
+                *(run_worker(worker(address, i)) for i in range(1, 4)),
+            )
+            return c
+
+    c = asyncio.run(main())
+    assert max(waited) == 3
+    assert all(r["absent_workers"] == [] for r in c.rows)
+    assert np.array_equal(c.agg.x, reference_x(the_plan, c.rows))
+
+
+@pytest.mark.parametrize("applied", [True, False])
+def test_sigterm_mid_round_finishes_it_or_abandons_it_whole(applied: bool) -> None:
+    """Stop asked while round 3 is open: with worker 0's update applied the round finishes (its
+    state cannot be taken back); with nothing applied it is abandoned. Either way the state is
+    that of a round boundary, equal to the replay."""
+    from threepc.server.checkpoint import Stopped
+
+    the_plan = make_plan(
+        f'workers = 2\nrounds = 20\nseed = 6\nmethod = "ef21"\n'
+        f'compressor = {{ name = "top_k", k = 2 }}\n{SYNTHETIC}'
+    )
+    slow = 1 if applied else 0  # the worker whose round-3 update comes 0.5 s late
+
+    async def main() -> Coordinator:
+        async with on_loopback(the_plan) as (c, address):
+            run = asyncio.ensure_future(c.run())
+            workers = [
+                asyncio.ensure_future(run_worker(worker(
+                    address, i, reconnect_timeout_s=0.5,
+                    **({"throttle_s": 0.5, "throttle_rounds": frozenset({3})} if i == slow else {}),
+                )))
+                for i in range(2)
+            ]
+            await wait_until(lambda: c._collecting == 3 and (c._applied == [0] or not applied and 1 in c._held))
+            c.request_stop()
+            with pytest.raises(Stopped) as stopped:
+                await run
+            assert stopped.value.round == (4 if applied else 3)
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            return c
+
+    c = asyncio.run(main())
+    assert len(c.rows) == c.agg.t == (4 if applied else 3)
+    assert all(r["absent_workers"] == [] for r in c.rows)
+    assert np.array_equal(c.agg.x, reference_x(the_plan, c.rows))
+
+
 # ---------------------------------------------------------------------- absent policies (in process)
 
 
