@@ -81,6 +81,13 @@ class WireConfig(_Frozen):
     chunk_bytes: int = Field(
         32 << 20, ge=1 << 10, description="messages larger than this travel in chunks"
     )
+    read_ahead: int | None = Field(
+        None,
+        ge=1,
+        description="updates the coordinator reads past the one it applies next (the others wait "
+        "at their workers): fewer hold less memory in transit; default: all n while n dense updates "
+        "fit in 64 MiB, else 4",
+    )
 
 
 class RunConfig(_Frozen):
@@ -110,7 +117,7 @@ class RunConfig(_Frozen):
     checkpoint_every: int = Field(0, ge=0, description="rounds between coordinator checkpoints (0: only on SIGTERM)")
 
     @model_validator(mode="after")
-    def _check(self) -> "RunConfig":
+    def _check(self) -> RunConfig:
         if isinstance(self.stepsize, float) and not self.stepsize > 0:
             raise ValueError("stepsize must be > 0 or 'theory'")
         return self

@@ -99,6 +99,11 @@ class Reassembler(Generic[Envelope]):
         self._pending: list[bytes] = []
         self._pending_frames: list[int] = []
 
+    @property
+    def mid_message(self) -> bool:
+        """Whether a chunked message has begun and not ended."""
+        return bool(self._pending)
+
     def feed(self, data: bytes) -> Envelope | None:
         """The message `data` completes, or None while a chunked message is still arriving."""
         message = self._parse(data)

@@ -50,7 +50,7 @@ from threepc.common.errors import (
     ThreePCError,
     TransportError,
 )
-from threepc.common.payloads import Message
+from threepc.common.payloads import Message, value_bits
 from threepc.common.wire import (
     CONTROL,
     DIAGNOSTICS,
@@ -74,6 +74,17 @@ log = logging.getLogger("threepc.coordinator")
 VERSION = "0.1.0"
 
 Frames = tuple[str, list[bytes]]  # a message's category and the gRPC messages that carry it
+IN_TRANSIT_BYTES = 64 << 20  # n dense updates up to this size are all read as they come
+READ_AHEAD = 4  # else this many past the one the order waits for (Coordinator._turn_of)
+
+
+def read_ahead(config: config_mod.RunConfig, d: int) -> int:
+    """wire.read_ahead, resolved: how many updates past the next one to apply may be read."""
+    if config.wire.read_ahead is not None:
+        return config.wire.read_ahead
+    n = config.workers
+    update_bytes = d * value_bits(config.wire.value_dtype) // 8
+    return n if n * update_bytes <= IN_TRANSIT_BYTES else READ_AHEAD
 
 
 class _StopRequested(Exception):
@@ -148,6 +159,8 @@ class Coordinator:
         self._applied: list[int] = []
         self._held: dict[int, Message] = {}
         self._cursor = 0
+        self._turn_moved = asyncio.Event()  # set (and replaced) when _collecting or _cursor moves
+        self.read_ahead = read_ahead(self.config, plan.dim)
         self._round_frames: Frames | None = None
         self._dense_frames: Frames | None = None
         self.delta = plan.downlink == "delta"
@@ -346,9 +359,12 @@ class Coordinator:
         d, wid = self.plan.dim, link.worker_id
         pending: tuple[int, Message] | None = None  # an update waiting for its diagnostics
         dropped = -1  # the round of a refused update, whose diagnostics are dropped with it
+        last = -1  # the round of the last update read: the next one is read in a later round
         try:
             while True:
                 message = None  # the last parsed message (a d-sized arena) is not held while waiting
+                if pending is None and not inbound.mid_message and self.read_ahead < self.config.workers:
+                    await self._turn_of(wid, last)
                 data = await self._read(context)
                 if data is grpc.aio.EOF:
                     raise TransportError(f"worker {wid} closed its stream")
@@ -358,7 +374,7 @@ class Coordinator:
                     continue
                 kind = message.WhichOneof("kind")
                 if kind == "update" and pending is None:
-                    r = message.update.round
+                    r = last = message.update.round
                     if not self._open_for(wid, r):
                         dropped = r
                         continue
@@ -402,6 +418,20 @@ class Coordinator:
             raise
         except Exception as err:  # noqa: BLE001 - any transport failure ends this worker's stream, not the run
             self._gone(link, TransportError(f"worker {wid}'s stream failed: {type(err).__name__}: {err}"))
+
+    async def _turn_of(self, worker_id: int, last: int) -> None:
+        """Until worker_id's next update may be read: a round after `last` (the round of its last
+        update) is open, and worker_id is less than `read_ahead` ids past the order's cursor.
+        Until then its bytes wait at the worker (the server then grows no flow-control windows:
+        `start_server`), so the coordinator holds a few updates in transit, not n."""
+        while not (
+            self._collecting is not None and self._collecting > last and worker_id < self._cursor + self.read_ahead
+        ):
+            await self._turn_moved.wait()
+
+    def _move_turn(self) -> None:
+        self._turn_moved.set()
+        self._turn_moved = asyncio.Event()
 
     def _open_for(self, worker_id: int, r: int) -> bool:
         """Whether worker_id's update for round r may be taken; a late or duplicate one is refused."""
@@ -502,6 +532,7 @@ class Coordinator:
             self._round_frames = (category_of(message), frames(message, self.config.wire.chunk_bytes))
         self._answered, self._applied, self._held, self._cursor = set(), [], {}, 0
         self._collecting = t
+        self._move_turn()
         loop = asyncio.get_running_loop()
         try:
             for link in self.links.values():
@@ -552,7 +583,7 @@ class Coordinator:
     def _apply_in_order(self, t: int) -> None:
         """Apply the held updates of round t whose turn has come: the order moves past a worker
         once its update is applied, or once it is gone and the round may close without it."""
-        n = self.config.workers
+        n, start = self.config.workers, self._cursor
         while self._cursor < n:
             worker_id = self._cursor
             message = self._held.pop(worker_id, None)
@@ -562,8 +593,10 @@ class Coordinator:
                 link = self.links.get(worker_id)
                 others = any(w.live for w in self.links.values()) or self._applied or self._held
                 if self.wait_for_all or (link is not None and link.live) or not others:
-                    return
+                    break
             self._cursor += 1
+        if self._cursor != start:
+            self._move_turn()
 
     def _apply(self, worker_id: int, message: Message, t: int) -> None:
         self.agg.apply(worker_id, message)
@@ -674,6 +707,12 @@ async def start_server(
         (key, 2 * limit if key == "grpc.max_receive_message_length" else value)
         for key, value in channel_options(limit)
     ]
+    # No flow-control windows grown by BDP probing: a stream whose update is not being read
+    # (Coordinator._turn_of) then holds 64 KiB here, not the whole update.
+    if coordinator.read_ahead < coordinator.config.workers:
+        # Windows grown by BDP probing would let every worker's update in whether it is read or
+        # not; without them a stream not being read holds 64 KiB here (Coordinator._turn_of).
+        options.append(("grpc.http2.bdp_probe", 0))
     server = grpc.aio.server(options=options)
     handler = grpc.method_handlers_generic_handler(
         SERVICE,

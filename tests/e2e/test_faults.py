@@ -195,6 +195,36 @@ def test_updates_that_come_out_of_order_are_applied_in_worker_id_order() -> None
     assert np.array_equal(c.agg.x, reference_x(the_plan, c.rows))
 
 
+def test_read_ahead_leaves_later_updates_at_their_workers() -> None:
+    """wire.read_ahead = 2: while worker 0's update is awaited only worker 1's may be read; 2
+    and 3 wait at their workers (flow control) and the run is still the replay, bit for bit."""
+    the_plan = make_plan(
+        f'workers = 4\nrounds = 8\nseed = 4\nmethod = "gd"\ncompressor = "identity"\n{SYNTHETIC}'
+        '[wire]\niterate_dtype = "float64"\nvalue_dtype = "float64"\nread_ahead = 2\n'
+    )
+    seen: set[int] = set()
+
+    async def main() -> Coordinator:
+        async with on_loopback(the_plan) as (c, address):
+            async def watch() -> None:
+                while not c.finished.is_set():
+                    if c._collecting is not None and c._cursor == 0:
+                        seen.update(c._held)
+                    await asyncio.sleep(0.002)
+
+            await asyncio.gather(
+                c.run(), watch(),
+                run_worker(worker(address, 0, throttle_s=0.05)),
+                *(run_worker(worker(address, i)) for i in range(1, 4)),
+            )
+            return c
+
+    c = asyncio.run(main())
+    assert c.read_ahead == 2 and seen == {1}
+    assert all(r["absent_workers"] == [] for r in c.rows)
+    assert np.array_equal(c.agg.x, reference_x(the_plan, c.rows))
+
+
 @pytest.mark.parametrize("applied", [True, False])
 def test_sigterm_mid_round_finishes_it_or_abandons_it_whole(applied: bool) -> None:
     """Stop asked while round 3 is open: with worker 0's update applied the round finishes (its
