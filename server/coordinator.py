@@ -124,7 +124,7 @@ class Coordinator:
       came after their round closed) per worker;
     - the round being collected: `_collecting` (its t, or None between rounds), `_answered`,
       `_applied` (worker ids, in order), `_held` (updates waiting for a lower id's), `_cursor`
-      (the lowest id the order has not passed),
+      (the lowest id the order has not passed), `_passed` (late workers it went past),
       `_round_frames` (its Round, serialized once: the change of g_sum under the delta downlink,
       else x), `_dense_frames` (x and g_sum, for streams that cannot follow: new, or asked for a
       resync), `_events` (what the streams tell the loop);
@@ -159,6 +159,7 @@ class Coordinator:
         self._applied: list[int] = []
         self._held: dict[int, Message] = {}
         self._cursor = 0
+        self._passed: set[int] = set()  # late workers the order went past (reading on behind them)
         self._turn_moved = asyncio.Event()  # set (and replaced) when _collecting or _cursor moves
         self.read_ahead = read_ahead(self.config, plan.dim)
         self._round_frames: Frames | None = None
@@ -530,7 +531,7 @@ class Coordinator:
                 message.round, t, self.agg.x.dtype.name, change[0], change[1], self.plan.dim, digest(self.agg.x)
             )
             self._round_frames = (category_of(message), frames(message, self.config.wire.chunk_bytes))
-        self._answered, self._applied, self._held, self._cursor = set(), [], {}, 0
+        self._answered, self._applied, self._held, self._cursor, self._passed = set(), [], {}, 0, set()
         self._collecting = t
         self._move_turn()
         loop = asyncio.get_running_loop()
@@ -546,7 +547,7 @@ class Coordinator:
                 live = {i for i, link in self.links.items() if link.live}
                 answered = self._held.keys() | set(self._applied)
                 nobody = not live and not answered  # a round closed by no one would move x for nothing
-                blocking = (set(range(n)) if self.wait_for_all or nobody else live) - answered
+                blocking = (set(range(n)) if self.wait_for_all or nobody else live) - answered - self._passed
                 if not blocking:
                     break
                 if self._stop.is_set() and not self._applied:
@@ -556,6 +557,14 @@ class Coordinator:
                     if (self.wait_for_all or nobody) and not self._stop.is_set():
                         why = "absent_policy = wait" if live else "no worker is connected"
                         log.warning("round %d: still waiting for workers %s (%s)", t, sorted(blocking), why)
+                        deadline = loop.time() + timeout
+                        continue
+                    window = self._cursor + self.read_ahead
+                    if any(i >= window for i in blocking):
+                        # Later workers' updates wait unread behind the late ones: pass those, read these.
+                        passed = sorted(i for i in blocking if i < window)
+                        log.warning("round %d: going on without workers %s after %g s", t, passed, timeout)
+                        self._passed.update(passed)
                         deadline = loop.time() + timeout
                         continue
                     log.warning("round %d: closing without workers %s after %g s", t, sorted(blocking), timeout)
@@ -592,7 +601,8 @@ class Coordinator:
             else:
                 link = self.links.get(worker_id)
                 others = any(w.live for w in self.links.values()) or self._applied or self._held
-                if self.wait_for_all or (link is not None and link.live) or not others:
+                gone = worker_id in self._passed or not (link is not None and link.live)
+                if self.wait_for_all or not gone or not others:
                     break
             self._cursor += 1
         if self._cursor != start:

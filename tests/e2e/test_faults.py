@@ -225,6 +225,30 @@ def test_read_ahead_leaves_later_updates_at_their_workers() -> None:
     assert np.array_equal(c.agg.x, reference_x(the_plan, c.rows))
 
 
+def test_a_straggler_before_unread_updates_is_passed_and_they_are_read() -> None:
+    """read_ahead = 1 and worker 0 late in round 3: at the deadline the order goes past it and
+    reads 1-3, whose updates waited at their workers; only worker 0 is absent."""
+    the_plan = make_plan(
+        f'workers = 4\nrounds = 6\nseed = 8\nmethod = "ef21"\nround_timeout_s = 0.4\n'
+        f'compressor = {{ name = "top_k", k = 2 }}\n{SYNTHETIC}[wire]\nread_ahead = 1\n'
+    )
+
+    async def main() -> Coordinator:
+        async with on_loopback(the_plan) as (c, address):
+            await asyncio.gather(
+                c.run(),
+                run_worker(worker(address, 0, throttle_s=1.0, throttle_rounds=frozenset({3}))),
+                *(run_worker(worker(address, i)) for i in range(1, 4)),
+            )
+            return c
+
+    c = asyncio.run(main())
+    assert [r["absent_workers"] for r in c.rows[:4]] == [[], [], [], [0]]
+    assert all(r["absent_workers"] in ([], [0]) for r in c.rows)  # 1-3 were read every round
+    assert c.rows[3]["late_workers"] == [0] and c.late[0] >= 1
+    assert np.array_equal(c.agg.x, reference_x(the_plan, c.rows))
+
+
 @pytest.mark.parametrize("applied", [True, False])
 def test_sigterm_mid_round_finishes_it_or_abandons_it_whole(applied: bool) -> None:
     """Stop asked while round 3 is open: with worker 0's update applied the round finishes (its
