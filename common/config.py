@@ -79,7 +79,10 @@ class WireConfig(_Frozen):
         "sparse methods); auto: delta where the compressor is sparse",
     )
     chunk_bytes: int = Field(
-        32 << 20, ge=1 << 10, description="messages larger than this travel in chunks"
+        64 << 20,
+        ge=1 << 10,
+        description="messages larger than this travel in chunks (each costs copies to rejoin: at "
+        "d = 1e7, 32 MiB chunks left GD at 0.26 rounds/s, 64 MiB 0.44)",
     )
     read_ahead: int | None = Field(
         None,
