@@ -166,43 +166,19 @@ def test_a_straggler_does_not_stall_the_round_and_is_resynced_from_the_mirror() 
     assert np.array_equal(c.agg.x, reference_x(the_plan, rows))
 
 
-def test_updates_that_come_out_of_order_are_applied_in_worker_id_order() -> None:
-    """Worker 0 answers last every round: 1-3 wait for it, and the sum is the in-process one."""
+@pytest.mark.parametrize(("read_ahead", "read_early"), [(None, {1, 2, 3}), (2, {1})])
+def test_updates_are_applied_in_worker_id_order_and_read_ahead_bounds_those_read(
+    read_ahead: int | None, read_early: set[int]
+) -> None:
+    """Worker 0 answers last every round. By default 1-3 are read and wait for it; under
+    read_ahead = 2 only worker 1's is read, 2 and 3 wait at their workers (flow control).
+    Either way the sum is the in-process one, bit for bit."""
     the_plan = make_plan(
         f'workers = 4\nrounds = 8\nseed = 4\nmethod = "gd"\ncompressor = "identity"\n{SYNTHETIC}'
-        '[wire]\niterate_dtype = "float64"\nvalue_dtype = "float64"\n'
-    )  # dense float64 sums and iterate: another order would round differently
-    waited: list[int] = []
-
-    async def main() -> Coordinator:
-        async with on_loopback(the_plan) as (c, address):
-            async def watch() -> None:
-                while not c.finished.is_set():
-                    if c._collecting is not None and not c._applied and c._held:
-                        waited.append(len(c._held))  # later ids in hand, worker 0's not yet
-                    await asyncio.sleep(0.002)
-
-            await asyncio.gather(
-                c.run(), watch(),
-                run_worker(worker(address, 0, throttle_s=0.05)),
-                *(run_worker(worker(address, i)) for i in range(1, 4)),
-            )
-            return c
-
-    c = asyncio.run(main())
-    assert max(waited) == 3
-    assert all(r["absent_workers"] == [] for r in c.rows)
-    assert np.array_equal(c.agg.x, reference_x(the_plan, c.rows))
-
-
-def test_read_ahead_leaves_later_updates_at_their_workers() -> None:
-    """wire.read_ahead = 2: while worker 0's update is awaited only worker 1's may be read; 2
-    and 3 wait at their workers (flow control) and the run is still the replay, bit for bit."""
-    the_plan = make_plan(
-        f'workers = 4\nrounds = 8\nseed = 4\nmethod = "gd"\ncompressor = "identity"\n{SYNTHETIC}'
-        '[wire]\niterate_dtype = "float64"\nvalue_dtype = "float64"\nread_ahead = 2\n'
+        '[wire]\niterate_dtype = "float64"\nvalue_dtype = "float64"\n'  # another order would round differently
+        + (f"read_ahead = {read_ahead}\n" if read_ahead else "")
     )
-    seen: set[int] = set()
+    seen: set[int] = set()  # ids whose update was in hand while worker 0's was awaited
 
     async def main() -> Coordinator:
         async with on_loopback(the_plan) as (c, address):
@@ -220,7 +196,7 @@ def test_read_ahead_leaves_later_updates_at_their_workers() -> None:
             return c
 
     c = asyncio.run(main())
-    assert c.read_ahead == 2 and seen == {1}
+    assert seen == read_early
     assert all(r["absent_workers"] == [] for r in c.rows)
     assert np.array_equal(c.agg.x, reference_x(the_plan, c.rows))
 
