@@ -162,6 +162,7 @@ class Coordinator:
         self._passed: set[int] = set()  # late workers the order went past (reading on behind them)
         self._turn_moved = asyncio.Event()  # set (and replaced) when _collecting or _cursor moves
         self.read_ahead = read_ahead(self.config, plan.dim)
+        self.gates_reads = self.read_ahead < self.config.workers  # else every update is read as it comes
         self._round_frames: Frames | None = None
         self._dense_frames: Frames | None = None
         self.delta = plan.downlink == "delta"
@@ -364,7 +365,7 @@ class Coordinator:
         try:
             while True:
                 message = None  # the last parsed message (a d-sized arena) is not held while waiting
-                if pending is None and not inbound.mid_message and self.read_ahead < self.config.workers:
+                if pending is None and not inbound.mid_message and self.gates_reads:
                     await self._turn_of(wid, last)
                 data = await self._read(context)
                 if data is grpc.aio.EOF:
@@ -719,7 +720,7 @@ async def start_server(
     ]
     # No flow-control windows grown by BDP probing: a stream whose update is not being read
     # (Coordinator._turn_of) then holds 64 KiB here, not the whole update.
-    if coordinator.read_ahead < coordinator.config.workers:
+    if coordinator.gates_reads:
         # Windows grown by BDP probing would let every worker's update in whether it is read or
         # not; without them a stream not being read holds 64 KiB here (Coordinator._turn_of).
         options.append(("grpc.http2.bdp_probe", 0))
