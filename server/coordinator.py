@@ -364,7 +364,9 @@ class Coordinator:
         last = -1  # the round of the last update read: the next one is read in a later round
         try:
             while True:
-                message = None  # the last parsed message (a d-sized arena) is not held while waiting
+                # Neither the last parsed message (a d-sized arena) nor the last update handed on
+                # (d values under GD, n of them held at once otherwise) is held while waiting.
+                message = decoded = None
                 if pending is None and not inbound.mid_message and self.gates_reads:
                     await self._turn_of(wid, last)
                 data = await self._read(context)

@@ -336,7 +336,9 @@ def test_a_worker_killed_mid_run_is_absent_then_rejoins_with_its_state(tmp_path:
     assert rows[-1]["absent_workers"] == []  # it rejoined before the end
     summary = json.loads((out / "summary.json").read_text())
     assert summary["per_worker"][2]["absent"] == len(gone)
-    assert json.loads((tmp_path / "w2.json").read_text())["restores"] == 1
+    # One restore with its Welcome; another if its first update came after that round closed
+    # (its state then moved past the mirror's), which a loaded machine sometimes makes happen.
+    assert json.loads((tmp_path / "w2.json").read_text())["restores"] >= 1
     # CLAG's state (h, y) came back from the mirror exactly: the run equals the replay.
     the_plan = plan(config_mod.load(config))
     assert np.array_equal(np.load(out / "x_final.npy"), reference_x(the_plan, rows))
