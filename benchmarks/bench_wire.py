@@ -8,7 +8,7 @@ it prints, per dimension d:
 - `payload_bits`: `Message.bits()`, the exact bits the method is charged;
 - `update_bytes`: the serialized `Update` protobuf;
 - `wire_bytes`: what the coordinator's `Meter` counts for it: the `WorkerMessage` envelope as
-  `threepc.common.wire.frames` splits it (chunks above `WireConfig.chunk_bytes`), plus gRPC's
+  `threepc.common.wire.frames` splits it (chunks above `wire.chunk_bytes` as resolved for d), plus gRPC's
   5-byte frame per message;
 - `limit_bits`: the information limit where an index set is coded: log2 C(d, k) for TopK's
   indices plus the value bits (seeded indices are free: only values count); null for kinds with
@@ -47,8 +47,8 @@ import numpy as np
 from threepc.common import codec
 from threepc.common.bitpack import log2_binomial
 from threepc.common.compressors import COMPRESSORS, make_compressor
-from threepc.common.config import RunConfig, WireConfig
-from threepc.common.engine import message_limit
+from threepc.common.config import RunConfig
+from threepc.common.engine import chunk_bytes, message_limit
 from threepc.common.payloads import (
     Message,
     Mode,
@@ -167,12 +167,11 @@ def measure(kind: str, d: int, k: int | None, make: Callable[[], Message], repea
         if row.k is None:
             row.k = sent_coordinates(message, d)
         row.compress_s = _median_s(repeats, make, warm=True)
-        wire = WireConfig()
 
         def encode() -> list[bytes]:
             envelope = ProtoWorkerMessage()  # filled in place, as a worker does
             codec.fill_update(envelope.update, ROUND, WORKER, message)
-            return frames(envelope, wire.chunk_bytes)
+            return frames(envelope, chunk_bytes(RunConfig(), d))  # as a worker's
 
         def decode(data: list[bytes]) -> Message:
             inbound = Reassembler(ProtoWorkerMessage, Meter(), message_limit(RunConfig(), d))  # as the coordinator's

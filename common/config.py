@@ -78,11 +78,13 @@ class WireConfig(_Frozen):
         description="broadcast x (dense) or the aggregate's change (delta: exact, fewer bytes for "
         "sparse methods); auto: delta where the compressor is sparse",
     )
-    chunk_bytes: int = Field(
-        64 << 20,
+    chunk_bytes: int | None = Field(
+        None,
         ge=1 << 10,
-        description="messages larger than this travel in chunks (each costs copies to rejoin: at "
-        "d = 1e7, 32 MiB chunks left GD at 0.26 rounds/s, 64 MiB 0.44)",
+        description="messages larger than this travel in chunks (for proxies with a lower limit); "
+        "default: as large as the message limit allows, so that only a message no gRPC message could "
+        "carry is chunked (each chunk costs copies to rejoin: at d = 1e7, 32 MiB chunks left GD at "
+        "0.26 rounds/s, 64 MiB 0.44)",
     )
     read_ahead: int | None = Field(
         None,

@@ -13,9 +13,9 @@ gRPC runtime (threepc.server, threepc.worker) drives the very same objects with 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection
 
 import numpy as np
 import xxhash
@@ -29,6 +29,9 @@ from threepc.common.oracles import make_oracle
 from threepc.common.payloads import DenseVector, Message, Mode, union_sorted
 from threepc.common.problems import Problem, hessian_variance, make_problem
 from threepc.common.randomness import round_randomness
+
+CHUNK_FRAMING = 1 << 10  # what a Chunk envelope adds around its data (tags and lengths, < 20 bytes), and room to spare
+BLOCK = 1 << 16  # elements per block of a block-wise pass over d: 512 KB of float64 scratch stays in cache
 
 
 def initial_iterate(config: RunConfig, d: int, whole: Problem | None = None) -> np.ndarray:
@@ -86,6 +89,7 @@ class Plan:
     dataset: str  # the data actually used (a file, or a synthetic stand-in)
     downlink: str = "dense"  # "dense" or "delta", resolved from wire.downlink
     message_limit: int = 64 << 20  # the largest message a worker may send, resolved from wire.max_message_bytes
+    chunk_bytes: int = (64 << 20) - CHUNK_FRAMING  # messages larger than this are chunked (wire.chunk_bytes)
 
 
 def plan(config: RunConfig) -> Plan:
@@ -108,7 +112,7 @@ def plan(config: RunConfig) -> Plan:
     x0 = initial_iterate(config, d, whole)
     return Plan(
         config, resolved, d, gamma, smooth, x0, full.source, resolve_downlink(config, mechanism, d),
-        message_limit(config, d),
+        message_limit(config, d), chunk_bytes(config, d),
     )
 
 
@@ -126,6 +130,21 @@ def message_limit(config: RunConfig, d: int) -> int:
             f"d = {d} (a float64 gradient: up to {needed} bytes); raise it or leave it unset"
         )
     return config.wire.max_message_bytes
+
+
+def chunk_bytes(config: RunConfig, d: int) -> int:
+    """wire.chunk_bytes, resolved: unset, the largest chunk whose frame stays within the message
+    limit, so that only a message that could not travel whole is chunked (at d = 1e7 a float64
+    gradient, 80 MB, then travels whole instead of as chunks joined by two more copies)."""
+    limit = message_limit(config, d)
+    if config.wire.chunk_bytes is None:
+        return limit - CHUNK_FRAMING
+    if config.wire.chunk_bytes > limit - CHUNK_FRAMING:
+        raise ConfigError(
+            f"wire.chunk_bytes = {config.wire.chunk_bytes} does not fit in a message of at most {limit} "
+            f"bytes (wire.max_message_bytes) with its framing; lower it or leave it unset"
+        )
+    return config.wire.chunk_bytes
 
 
 def resolve_downlink(config: RunConfig, mechanism: Mechanism, d: int) -> str:
@@ -242,8 +261,7 @@ class Aggregator:
         self.tracks_change = plan.downlink == "delta"
         self.mirrors = np.zeros((self.n, self.d), self.state_dtype)  # g_i at the state dtype, as workers keep h
         self.g_sum = np.zeros(self.d)
-        self._scratch = np.empty(min(self.d, 1 << 16))  # a block of new - old of a dense message
-        self.step = Step(self.d, self.step_scale, self.n)  # (gamma / n) g_sum, coordinate by coordinate
+        self._scratch = np.empty(min(self.d, BLOCK))  # a block of new - old of a dense message
         self.t = 0
         self.meters = [WorkerMeter() for _ in range(self.n)]
         self.skips_round = 0
@@ -335,20 +353,18 @@ class Aggregator:
         row["value_bits_up_per_worker"] = sum(m.value_bits for m in self.meters) / self.n
         row["skips"] = self.skips_round
         row["absent"] = len(absent)
-        changed = self._changed()  # g_sum's coordinates this round changed (None: maybe all)
-        self.step.refresh(self.g_sum, changed)
         self.x_prev = self.x
         if absent and self.needs_all and self.absent_policy == "drop":
             present = [i for i in range(self.n) if i not in set(absent)]
-            rescaled = Step(self.d, self.step_scale, max(len(present), 1))
-            rescaled.refresh(self.mirrors[present].sum(axis=0, dtype=np.float64))
-            self.x = rescaled.next_iterate(self.x)
+            total = self.mirrors[present].sum(axis=0, dtype=np.float64)
+            self.x = next_iterate(self.x, total, self.step_scale, max(len(present), 1))
             self.change = None  # not a function of g_sum alone: followers need a dense resync
         else:
-            self.x = self.step.next_iterate(self.x)
+            self.x = next_iterate(self.x, self.g_sum, self.step_scale, self.n)
             if not self.tracks_change:
                 self.change = None  # the dense downlink broadcasts x itself
             else:
+                changed = self._changed()  # g_sum's coordinates this round changed (None: maybe all)
                 idx = np.arange(self.d, dtype=np.int64) if changed is None else changed
                 self.change = (idx, self.g_sum[idx].copy())
         self._touched = []
@@ -385,7 +401,6 @@ class Aggregator:
         self.x = state["x"].astype(self.state_dtype)
         self.mirrors = state["mirrors"].astype(self.state_dtype)
         self.g_sum = state["g_sum"].astype(np.float64)
-        self.step.refresh(self.g_sum)
         self.t = int(state["t"])
         self.x_prev = state["x_prev"].astype(self.state_dtype) if "x_prev" in state else None
         for meter, row in zip(self.meters, state["meters"]):
@@ -397,7 +412,7 @@ class IterateFollower:
 
     The coordinator broadcasts `Aggregator.change` (the coordinates of g_sum its round changed
     and their new values, exactly) instead of x; the follower writes them into its g_sum and
-    steps x <- x - scale (g_sum / n) with the very operations `Aggregator.finish_round` uses, so
+    steps x <- x - scale (g_sum / n) with `next_iterate`, as `Aggregator.finish_round` does, so
     x stays bit-identical (a digest travels with each broadcast to prove it).
     """
 
@@ -406,46 +421,35 @@ class IterateFollower:
         self.g_sum = np.array(g_sum, dtype=np.float64)
         self.n = n
         self.step_scale = step_scale
-        self.step = Step(self.g_sum.size, step_scale, n)
-        self.step.refresh(self.g_sum)
 
     def reset(self, x: np.ndarray, g_sum: np.ndarray) -> None:
         """A dense resync: the coordinator's x and g_sum as they are."""
         self.x = np.array(x)
         self.g_sum = np.array(g_sum, dtype=np.float64)
-        self.step.refresh(self.g_sum)
 
     def follow(self, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
         self.g_sum[indices] = values
-        self.step.refresh(self.g_sum, indices)
-        self.x = self.step.next_iterate(self.x)
+        self.x = next_iterate(self.x, self.g_sum, self.step_scale, self.n)
         return self.x
 
 
-class Step:
-    """gamma g^t = (gamma / n) g_sum, kept per coordinate, and x^{t+1} = x^t - gamma g^t: the one
-    formula the coordinator and every follower of the delta downlink run, so that their iterates
-    are equal bit for bit.
+def next_iterate(x: np.ndarray, g_sum: np.ndarray, scale: float, count: int) -> np.ndarray:
+    """x^{t+1} = x^t - (scale / count) g_sum: the one formula the coordinator and every follower of
+    the delta downlink run, so that their iterates are equal bit for bit.
 
-    Each coordinate is `g_sum[j] * (gamma / n)`, one float64 product however it is computed, so
-    `refresh` may recompute only the coordinates whose g_sum changed (a follower: the n k a
-    round sends) and still equal a full recomputation. A round then costs one pass over x.
+    Each coordinate is x[j] - g_sum[j] * (scale / count) in float64, rounded once into x's dtype
+    (a new array). Block by block: the step's float64 block stays in cache, and no d-sized
+    float64 array is kept or made for it (at d = 1e6 1.3 ms, against 2.1 for a kept step vector).
     """
-
-    def __init__(self, d: int, scale: float, count: int):
-        self.factor = scale / count
-        self.values = np.zeros(d)
-
-    def refresh(self, g_sum: np.ndarray, changed: np.ndarray | None = None) -> None:
-        """After g_sum changed at `changed` (None: anywhere)."""
-        if changed is None:
-            np.multiply(g_sum, self.factor, out=self.values)
-        elif changed.size:
-            self.values[changed] = g_sum[changed] * self.factor
-
-    def next_iterate(self, x: np.ndarray) -> np.ndarray:
-        """x - step, computed in float64 and rounded once into x's dtype (a new array)."""
-        return np.subtract(x, self.values, out=np.empty_like(x))
+    factor = scale / count
+    new = np.empty_like(x)
+    step = np.empty(min(x.size, BLOCK))
+    for start in range(0, x.size, BLOCK):
+        end = min(start + BLOCK, x.size)
+        block = step[: end - start]
+        np.multiply(g_sum[start:end], factor, out=block)
+        np.subtract(x[start:end], block, out=new[start:end])
+    return new
 
 
 def digest(x: np.ndarray) -> bytes:

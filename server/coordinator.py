@@ -333,7 +333,7 @@ class Coordinator:
         return link
 
     async def _send(self, context: grpc.aio.ServicerContext, link: WorkerLink, message: ProtoCoordinatorMessage) -> None:
-        for data in frames(message, self.config.wire.chunk_bytes):
+        for data in frames(message, self.plan.chunk_bytes):
             link.meter.count_sent(category_of(message), len(data))
             await context.write(data)
 
@@ -533,7 +533,7 @@ class Coordinator:
             codec.fill_round_change(
                 message.round, t, self.agg.x.dtype.name, change[0], change[1], self.plan.dim, digest(self.agg.x)
             )
-            self._round_frames = (category_of(message), frames(message, self.config.wire.chunk_bytes))
+            self._round_frames = (category_of(message), frames(message, self.plan.chunk_bytes))
         self._answered, self._applied, self._held, self._cursor, self._passed = set(), [], {}, 0, set()
         self._collecting = t
         self._move_turn()
@@ -623,7 +623,7 @@ class Coordinator:
         """Round t to one worker, after a Restore if its state may differ from the mirror's."""
         if link.synced_round != t:
             restore = ProtoCoordinatorMessage(restore=self._restore_for(link.worker_id, t))
-            for frame in frames(restore, self.config.wire.chunk_bytes):
+            for frame in frames(restore, self.plan.chunk_bytes):
                 link.outbox.put_nowait((category_of(restore), frame))
             link.synced_round = t
         assert self._round_frames is not None
@@ -639,7 +639,7 @@ class Coordinator:
             message = ProtoCoordinatorMessage()
             aggregate = self.agg.g_sum if self.delta else None
             codec.fill_round(message.round, t, self.agg.x, aggregate, digest(self.agg.x) if self.delta else b"")
-            self._dense_frames = (category_of(message), frames(message, self.config.wire.chunk_bytes))
+            self._dense_frames = (category_of(message), frames(message, self.plan.chunk_bytes))
         return self._dense_frames
 
     def _close_round(self, t: int) -> None:
@@ -668,7 +668,7 @@ class Coordinator:
     def _broadcast(self, message: ProtoCoordinatorMessage) -> None:
         """Serialize once; the same bytes go to every live stream."""
         category = category_of(message)
-        data = frames(message, self.config.wire.chunk_bytes)
+        data = frames(message, self.plan.chunk_bytes)
         for link in self.links.values():
             if link.error is None:
                 for frame in data:
@@ -720,8 +720,6 @@ async def start_server(
         (key, 2 * limit if key == "grpc.max_receive_message_length" else value)
         for key, value in channel_options(limit)
     ]
-    # No flow-control windows grown by BDP probing: a stream whose update is not being read
-    # (Coordinator._turn_of) then holds 64 KiB here, not the whole update.
     if coordinator.gates_reads:
         # Windows grown by BDP probing would let every worker's update in whether it is read or
         # not; without them a stream not being read holds 64 KiB here (Coordinator._turn_of).

@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from threepc.common import codec
 from threepc.common import config as config_mod
-from threepc.common.engine import IterateFollower, WorkerNode, digest, load_data, load_shard, local_problem
+from threepc.common.engine import IterateFollower, WorkerNode, chunk_bytes, digest, load_data, load_shard, local_problem
 from threepc.common.errors import (
     AuthError,
     DecodeError,
@@ -270,7 +270,7 @@ async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, sessio
         session.restores += 1
     else:
         node.state = None  # the mirror holds nothing of this worker: its first round starts afresh
-    chunk = node.config.wire.chunk_bytes
+    chunk = chunk_bytes(node.config, problem.dim)
     await send(ProtoWorkerMessage(ready=ProtoReady(rows=problem.rows, dimension=problem.dim)), chunk)
     log.info("worker %d: %d rows, d = %d, from round %d", worker_id, problem.rows, problem.dim, welcome.start_round)
     while True:

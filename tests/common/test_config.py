@@ -49,3 +49,23 @@ def test_the_message_limit_fits_a_workers_largest_message() -> None:
     assert message_limit(config.parse({"wire": {"max_message_bytes": 1 << 20}}), 1000) == 1 << 20
     with pytest.raises(ConfigError, match=r"wire.max_message_bytes = 1048576 is below .* d = 1000000"):
         message_limit(config.parse({"wire": {"max_message_bytes": 1 << 20}}), 10**6)
+
+
+def test_chunks_are_as_large_as_the_message_limit_allows_unless_set() -> None:
+    """Unset, only a message too large for one gRPC message is chunked, and every chunk's frame
+    (data and its Chunk envelope) still fits the limit the coordinator enforces."""
+    from threepc.common.engine import chunk_bytes, message_limit
+    from threepc.common.wire import frames
+    from threepc.proto.threepc_pb2 import WorkerMessage
+
+    unset = config.parse({})
+    for d in (1000, 10**7):
+        limit = message_limit(unset, d)
+        assert limit - (1 << 10) <= chunk_bytes(unset, d) < limit
+    small = config.parse({"wire": {"max_message_bytes": 1 << 16}})
+    big = WorkerMessage(chunk={"data": bytes(300_000)})  # any message over the limit
+    pieces = frames(big, chunk_bytes(small, 1000))
+    assert len(pieces) == 5 and max(len(p) for p in pieces) <= 1 << 16
+    assert chunk_bytes(config.parse({"wire": {"chunk_bytes": 4096}}), 10**7) == 4096
+    with pytest.raises(ConfigError, match=r"wire.chunk_bytes = 65536 does not fit .* 65536 bytes"):
+        chunk_bytes(config.parse({"wire": {"max_message_bytes": 1 << 16, "chunk_bytes": 1 << 16}}), 1000)
