@@ -91,7 +91,7 @@ class WireConfig(_Frozen):
         ge=1,
         description="updates the coordinator reads past the one it applies next (the others wait "
         "at their workers): fewer hold less memory in transit; default: all n while n dense updates "
-        "fit in 64 MiB, else 4",
+        "fit in 64 MiB, else as many as fit there, from 1 to 4",
     )
 
 

@@ -75,7 +75,7 @@ VERSION = "0.1.0"
 
 Frames = tuple[str, list[bytes]]  # a message's category and the gRPC messages that carry it
 IN_TRANSIT_BYTES = 64 << 20  # n dense updates up to this size are all read as they come
-READ_AHEAD = 4  # else this many past the one the order waits for (Coordinator._turn_of)
+READ_AHEAD = 4  # else this many past the one the order waits for (Coordinator._turn_of), or fewer
 
 
 def read_ahead(config: config_mod.RunConfig, d: int) -> int:
@@ -84,7 +84,9 @@ def read_ahead(config: config_mod.RunConfig, d: int) -> int:
         return config.wire.read_ahead
     n = config.workers
     update_bytes = d * value_bits(config.wire.value_dtype) // 8
-    return n if n * update_bytes <= IN_TRANSIT_BYTES else READ_AHEAD
+    if n * update_bytes <= IN_TRANSIT_BYTES:
+        return n
+    return max(1, min(READ_AHEAD, IN_TRANSIT_BYTES // update_bytes))  # d = 1e7, float32: 1
 
 
 class _StopRequested(Exception):
