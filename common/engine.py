@@ -189,14 +189,16 @@ class WorkerNode:
         return self._x64
 
     def restore(self, h: np.ndarray, x_prev: np.ndarray) -> None:
-        """Rejoin after a restart: h from the coordinator's mirror, y = grad f_i(x^{t-1}) recomputed.
+        """Rejoin after a restart: h from the coordinator's mirror, y = grad f_i(x^{t-1}) recomputed
+        (where the method reads y at all).
 
         Exact for the 3PC family and MARINA (their state is (h, y)); EF's error e_i cannot be
         rebuilt from what the coordinator holds and restarts at zero (`restores_exactly`).
         """
         if self.mechanism.restores_exactly:
             h = np.array(h, dtype=self.config.wire.iterate_dtype)  # the state dtype, as the mirror
-            self.state = WorkerState(h, self.problem.grad(np.asarray(x_prev, np.float64)))
+            y = self.problem.grad(np.asarray(x_prev, np.float64)) if self.mechanism.reads_y else None
+            self.state = WorkerState(h, y)
         else:
             self.state = self.mechanism.reset(np.asarray(h).size)
 

@@ -31,7 +31,7 @@ class WorkerState(NamedTuple):
     """What a worker keeps between rounds."""
 
     h: np.ndarray  # g_i^t: the estimate the coordinator mirrors
-    y: np.ndarray  # grad f_i(x^t): the last true local gradient
+    y: np.ndarray | None  # grad f_i(x^t): the last true local gradient; None where never read
 
 
 class Constants(NamedTuple):
@@ -52,6 +52,7 @@ class Mechanism(NamedTuple):
     worker_scales: bool = False  # True: messages are already scaled by gamma (EF); the coordinator steps by 1
     needs_all: bool = False  # True: a round needs every worker's message (EF; MARINA's full rounds)
     restores_exactly: bool = True  # the state is (h, y), rebuilt from the mirror and x^{t-1}
+    reads_y: bool = True  # False: y is never read, so not kept (a d-vector of float64 less: GD, EF21)
     reset: Callable[[int], Any] | None = None  # a fresh state of dimension d, where not exact
 
 
@@ -69,24 +70,25 @@ def three_point(
     initial: Compressor | None = None,
     skips: bool = False,
     state_dtype: str = "float64",
+    reads_y: bool = True,
 ) -> Mechanism:
     """A mechanism from a 3PC function: g_i^0 = grad f_i(x^0) (init "full") or C(grad) ("compressed").
 
     `state_dtype`: the dtype of h (and of the coordinator's mirror of it), the run's iterate dtype;
-    message.apply keeps h in it."""
+    message.apply keeps h in it. `reads_y`: False where `c3pc` never reads y (it gets None)."""
 
     def first(grad: np.ndarray, r: Randomness) -> tuple[Message, WorkerState]:
         if init == "compressed" and initial is not None:
             message = Message(Mode.REPLACE, (initial.compress(grad, r),))
         else:
             message = dense_message(grad, dtype)
-        return message, WorkerState(message.apply(np.zeros(grad.size, state_dtype)), grad)
+        return message, WorkerState(message.apply(np.zeros(grad.size, state_dtype)), grad if reads_y else None)
 
     def step(state: WorkerState, grad: np.ndarray, r: Randomness) -> tuple[Message, WorkerState]:
-        message = c3pc(state.h, state.y, grad, r)
-        return message, WorkerState(message.apply(state.h), grad)
+        message = c3pc(state.h, state.y, grad, r)  # type: ignore[arg-type]  # None only where never read
+        return message, WorkerState(message.apply(state.h), grad if reads_y else None)
 
-    return Mechanism(name, first, step, constants, skips)
+    return Mechanism(name, first, step, constants, skips, reads_y=reads_y)
 
 
 # ----------------------------------------------------------------------------- 3PC functions

@@ -45,52 +45,63 @@ def _omega(q: Compressor, d: int) -> float:
     return q.omega(d)
 
 
-def _build_3pc(name: str, params: dict[str, Any], c: Compressor, dtype: str, d: int) -> tuple[m.ThreePointFn, m.Constants, bool]:
-    """The 3PC function, its (A, B) at dimension d, and whether it can skip."""
+class ThreePoint(NamedTuple):
+    """A 3PC function as a method uses it."""
+
+    fn: m.ThreePointFn
+    constants: m.Constants  # (A, B) at the run's dimension
+    skips: bool  # whether its messages can be lazy skips
+    reads_y: bool  # whether it reads y = grad f_i(x^t) (else the worker does not keep it)
+
+
+def _build_3pc(name: str, params: dict[str, Any], c: Compressor, dtype: str, d: int) -> ThreePoint:
+    """The 3PC function of method `name` with compressor c at dimension d."""
     p = dict(params)
 
     def take(key: str, default: Any) -> Any:
         return p.pop(key, default)
 
-    result: tuple[m.ThreePointFn, m.Constants, bool]
+    result: ThreePoint
     if name == "gd":
-        result = (m.gd_3pc(dtype), m.Constants(1.0, 0.0), False)
+        result = ThreePoint(m.gd_3pc(dtype), m.Constants(1.0, 0.0), False, False)
     elif name in ("ef21", "ef21_plus"):
         fn = m.ef21_3pc(c) if name == "ef21" else m.ef21_plus_3pc(c)
-        result = (fn, m._ef21_constants(m._alpha(c, d)), False)
+        result = ThreePoint(fn, m._ef21_constants(m._alpha(c, d)), False, False)
     elif name == "naive":
-        result = (m.naive_3pc(c), m.Constants(1.0, 0.0), False)
+        result = ThreePoint(m.naive_3pc(c), m.Constants(1.0, 0.0), False, False)
     elif name == "lag":
         zeta = float(take("zeta", 1.0))
-        result = (m.lazy(m.gd_3pc(dtype), zeta), m.Constants(1.0, zeta), True)
+        result = ThreePoint(m.lazy(m.gd_3pc(dtype), zeta), m.Constants(1.0, zeta), True, True)
     elif name == "clag":
         zeta = float(take("zeta", 1.0))
         a, b = m._ef21_constants(m._alpha(c, d))
-        result = (m.lazy(m.ef21_3pc(c), zeta), m.Constants(a, max(b, zeta)), True)
+        result = ThreePoint(m.lazy(m.ef21_3pc(c), zeta), m.Constants(a, max(b, zeta)), True, True)
     elif name == "3pcv1":
         alpha = m._alpha(c, d)
-        result = (m.v1_3pc(c, dtype), m.Constants(1.0, 1.0 - alpha), False)
+        result = ThreePoint(m.v1_3pc(c, dtype), m.Constants(1.0, 1.0 - alpha), False, True)
     elif name == "3pcv2":
         q = _sub_compressor(take("q", None), dtype, "q")
         alpha = m._alpha(c, d)
-        result = (m.v2_3pc(c, q), m.Constants(alpha, (1.0 - alpha) * _omega(q, d)), False)
+        result = ThreePoint(m.v2_3pc(c, q), m.Constants(alpha, (1.0 - alpha) * _omega(q, d)), False, True)
     elif name == "3pcv3":
         inner = Component.model_validate(take("inner", {"name": "ef21"}))
         inner_c = _sub_compressor(take("c1", None), dtype, "c1") if "c1" in p else c
-        fn1, (a1, b1), skips = _build_3pc(inner.name, inner.params, inner_c, dtype, d)
+        first = _build_3pc(inner.name, inner.params, inner_c, dtype, d)
+        a1, b1 = first.constants
         alpha = m._alpha(c, d)
-        result = (m.v3_3pc(c, fn1), m.Constants(1 - (1 - alpha) * (1 - a1), (1 - alpha) * b1), skips)
+        constants = m.Constants(1 - (1 - alpha) * (1 - a1), (1 - alpha) * b1)
+        result = ThreePoint(m.v3_3pc(c, first.fn), constants, first.skips, first.reads_y)
     elif name == "3pcv4":
         c2 = _sub_compressor(take("c2", None), dtype, "c2")
         abar = 1 - (1 - m._alpha(c, d)) * (1 - m._alpha(c2, d))
-        result = (m.v4_3pc(c, c2), m._ef21_constants(abar), False)
+        result = ThreePoint(m.v4_3pc(c, c2), m._ef21_constants(abar), False, False)
     elif name == "3pcv5":
         prob = float(take("p", c.density(d)))
         if not 0 < prob <= 1:
             raise ConfigError(f"3pcv5: p must be in (0, 1], got {prob}")
         alpha = m._alpha(c, d)
         a = 1 - math.sqrt(1 - prob)
-        result = (m.v5_3pc(c, prob, dtype), m.Constants(a, (1 - prob) * (1 - alpha) / a), False)
+        result = ThreePoint(m.v5_3pc(c, prob, dtype), m.Constants(a, (1 - prob) * (1 - alpha) / a), False, True)
     else:
         raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(THREE_POINT))}")
     if p:
@@ -183,9 +194,10 @@ def build_method(config: RunConfig, d: int) -> m.Mechanism:
         if not isinstance(config.stepsize, float):
             raise ConfigError("ef14: give an explicit stepsize (the paper states no closed form for it)")
         return m.error_feedback(c, config.stepsize * config.stepsize_multiplier)
-    fn, constants, skips = _build_3pc(name, config.method.params, c, dtype, d)
+    built = _build_3pc(name, config.method.params, c, dtype, d)
     return m.three_point(
-        name, fn, lambda _d: constants, dtype, init=config.init, initial=c, skips=skips, state_dtype=state
+        name, built.fn, lambda _d: built.constants, dtype, init=config.init, initial=c, skips=built.skips,
+        state_dtype=state, reads_y=built.reads_y,
     )
 
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from threepc.common import mechanisms as m
 from threepc.common.compressors import make_compressor
-from threepc.common.methods import _build_3pc
+from threepc.common.methods import ThreePoint, _build_3pc
 from threepc.common.randomness import round_randomness
 
 MC = settings(
@@ -84,17 +84,15 @@ def _make(spec: dict[str, Any]) -> Any:
     return make_compressor(spec["name"], {k: v for k, v in spec.items() if k != "name"}, DTYPE)
 
 
-def _build(
-    v: tuple[str, dict[str, Any], dict[str, Any]], d: int
-) -> tuple[m.ThreePointFn, m.Constants, bool]:
-    """The 3PC function, its (A, B), and whether it draws no randomness at all."""
+def _build(v: tuple[str, dict[str, Any], dict[str, Any]], d: int) -> tuple[ThreePoint, bool]:
+    """The 3PC function as a method uses it, and whether it draws no randomness at all."""
     method, params, comp = v
-    fn, constants, _ = _build_3pc(method, params, _make(comp), DTYPE, d)
+    built = _build_3pc(method, params, _make(comp), DTYPE, d)
     coins = method == "3pcv5" or params.get("inner", {}).get("name") == "3pcv5"
     deterministic = not coins and all(
         _make(s).deterministic for s in [comp, *_compressor_specs(params)]
     )
-    return fn, constants, deterministic
+    return built, deterministic
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -132,7 +130,8 @@ def test_three_point_inequality(
     """E||C_{h,y}(x) - x||^2 <= (1 - A)||h - y||^2 + B||x - y||^2 (3PC paper, Definition 3.1)."""
     h, y, x = hyx
     d = x.size
-    fn, (a, b), deterministic = _build(variant, d)
+    built, deterministic = _build(variant, d)
+    fn, (a, b) = built.fn, built.constants
     assert 0 < a <= 1 and b >= 0
     errors = np.array(
         [
@@ -150,11 +149,28 @@ def test_three_point_inequality(
 
 def test_inequality_check_has_power() -> None:
     """A variant given constants it does not meet fails the check (EF21 with TopK claimed as GD)."""
-    fn, _, _ = _build(("ef21", {}, TOP2), 10)
+    fn = _build(("ef21", {}, TOP2), 10)[0].fn
     rng = np.random.default_rng(0)
     h, y, x = (_frozen(rng.normal(size=10)) for _ in range(3))
     err = float(np.sum((fn(h, y, x, round_randomness(0, 0, 0, 1)).apply(h) - x) ** 2))
     assert err > (1 - 1.0) * float(np.sum((h - y) ** 2)) + 0.0 * float(np.sum((x - y) ** 2))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_id)
+def test_a_variant_that_keeps_no_y_never_reads_it(variant: tuple[str, dict[str, Any], dict[str, Any]]) -> None:
+    """Workers drop y where `reads_y` is False (GD, EF21, ...): the message must then be the same
+    whatever y is; where it is True, some y must change it (else y is kept for nothing)."""
+    d = 12
+    built, _ = _build(variant, d)
+    rng = np.random.default_rng(3)
+    differs = False
+    for t in range(8):
+        h, x = _frozen(rng.normal(size=d)), _frozen(rng.normal(size=d))
+        y1, y2 = _frozen(x.copy()), _frozen(x + 10 * rng.normal(size=d))  # lazy triggers: send, skip
+        m1 = built.fn(h, y1, x, round_randomness(5, t, 0, 1)).apply(h)
+        m2 = built.fn(h, y2, x, round_randomness(5, t, 0, 1)).apply(h)
+        differs |= m1.tobytes() != m2.tobytes()
+    assert differs == built.reads_y
 
 
 def _frozen_state(state: Any) -> Any:
@@ -173,7 +189,8 @@ def test_step_does_not_mutate_its_inputs(
     rng = np.random.default_rng(1)
     h, y, x = (_frozen(rng.normal(size=d)) for _ in range(3))
     copies = [a.copy() for a in (h, y, x)]
-    fn, constants, skips = _build(variant, d)
+    built, _ = _build(variant, d)
+    fn = built.fn
     for t in range(5):
         fn(h, y, x, round_randomness(2, t, 0, 1))
     for before, after in zip(copies, (h, y, x)):
@@ -183,15 +200,17 @@ def test_step_does_not_mutate_its_inputs(
     c = _make(comp)
     for init in ("full", "compressed"):
         mech = m.three_point(
-            method, fn, lambda _d: constants, DTYPE, init=init, initial=c, skips=skips
+            method, fn, lambda _d: built.constants, DTYPE, init=init, initial=c, skips=built.skips,
+            reads_y=built.reads_y,
         )
         message, state = mech.first(_frozen(rng.normal(size=d)), round_randomness(2, 0, 0, 1))
         for t in range(1, 6):
             state = _frozen_state(state)
-            kept = [a.copy() for a in state]
+            kept = [a.copy() for a in state if a is not None]
             grad = _frozen(rng.normal(size=d))
             message, new_state = mech.step(state, grad, round_randomness(2, t, 0, 1))
-            assert all(k.tobytes() == a.tobytes() for k, a in zip(kept, state))
+            assert all(k.tobytes() == a.tobytes() for k, a in zip(kept, [a for a in state if a is not None]))
+            assert (new_state.y is None) == (not built.reads_y)
             # The worker's new h is the coordinator's mirror after the same message.
             assert message.apply(state.h).tobytes() == new_state.h.tobytes()
             state = new_state
