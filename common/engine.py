@@ -110,6 +110,7 @@ def plan(config: RunConfig) -> Plan:
         method = Component.model_validate({**config.method.model_dump(), "weights": list(L_i)})
         resolved = resolved.model_copy(update={"method": method})
     x0 = initial_iterate(config, d, whole)
+    x0.setflags(write=False)  # shared, never copied, by every Aggregator of the plan
     return Plan(
         config, resolved, d, gamma, smooth, x0, full.source, resolve_downlink(config, mechanism, d),
         message_limit(config, d), chunk_bytes(config, d),
@@ -253,7 +254,7 @@ class Aggregator:
         self.needs_all = mechanism.needs_all
         self.absent_policy = plan.config.absent_policy
         self.state_dtype = np.dtype(plan.config.wire.iterate_dtype)
-        self.x = plan.x0.copy()
+        self.x = plan.x0  # iterates are replaced each round, never written into
         self.x_prev: np.ndarray | None = None
         # Coordinates of g_sum this round's messages changed (None: any), and after finish_round
         # the change to broadcast instead of x: (indices, new g_sum values), or None when x is
