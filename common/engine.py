@@ -256,12 +256,13 @@ class Aggregator:
         self.state_dtype = np.dtype(plan.config.wire.iterate_dtype)
         self.x = plan.x0  # iterates are replaced each round, never written into
         self.x_prev: np.ndarray | None = None
-        # Coordinates of g_sum this round's messages changed (None: any), and after finish_round
-        # the change to broadcast instead of x: (indices, new g_sum values), or None when x is
-        # not a function of g_sum alone that round (an absent worker dropped and rescaled).
-        self._touched: list[np.ndarray] | None = []
-        self.change: tuple[np.ndarray, np.ndarray] | None = None
+        # Under the delta downlink: the coordinates of g_sum this round's messages changed (None:
+        # any; never tracked under the dense one), and after finish_round the change to broadcast
+        # instead of x: (indices, new g_sum values), or None when x is not a function of g_sum
+        # alone that round (an absent worker dropped and rescaled).
         self.tracks_change = plan.downlink == "delta"
+        self._touched: list[np.ndarray] | None = [] if self.tracks_change else None
+        self.change: tuple[np.ndarray, np.ndarray] | None = None
         self.mirrors = np.zeros((self.n, self.d), self.state_dtype)  # g_i at the state dtype, as workers keep h
         self.g_sum = np.zeros(self.d)
         self._scratch = np.empty(min(self.d, BLOCK))  # a block of new - old of a dense message
@@ -303,11 +304,12 @@ class Aggregator:
             self._touched = None
             return
         self._replace_dense(old, message.apply(old))  # the mirrors array is this object's own
-        support = message.support(self.d) if message.mode is Mode.DELTA else None
-        if support is None:
-            self._touched = None  # a dense change: every coordinate may have moved
-        elif self._touched is not None:
-            self._touched.append(support)
+        if self._touched is not None:
+            support = message.support(self.d) if message.mode is Mode.DELTA else None
+            if support is None:
+                self._touched = None  # a dense change: every coordinate may have moved
+            else:
+                self._touched.append(support)
 
     def _replace_dense(self, mirror: np.ndarray, new: np.ndarray) -> None:
         """mirror <- new rounded into the mirror's dtype, and g_sum += (that) - mirror in float64,
@@ -370,7 +372,7 @@ class Aggregator:
                 changed = self._changed()  # g_sum's coordinates this round changed (None: maybe all)
                 idx = np.arange(self.d, dtype=np.int64) if changed is None else changed
                 self.change = (idx, self.g_sum[idx].copy())
-        self._touched = []
+        self._touched = [] if self.tracks_change else None
         if not np.isfinite(self.x).all():
             raise DivergedError(f"the run diverged at round {self.t}: the iterate is no longer finite")
         self.t += 1
