@@ -83,8 +83,7 @@ class WireConfig(_Frozen):
         ge=1 << 10,
         description="messages larger than this travel in chunks (for proxies with a lower limit); "
         "default: as large as the message limit allows, so that only a message no gRPC message could "
-        "carry is chunked (each chunk costs copies to rejoin: at d = 1e7, 32 MiB chunks left GD at "
-        "0.26 rounds/s, 64 MiB 0.44)",
+        "carry is chunked (each chunk costs copies to rejoin)",
     )
     read_ahead: int | None = Field(
         None,
