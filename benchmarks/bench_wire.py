@@ -58,6 +58,7 @@ from threepc.common.payloads import (
     skip,
 )
 from threepc.common.randomness import fixed
+from threepc.common.splice import Bulk
 from threepc.common.wire import FRAME_BYTES, Meter, Reassembler, frames
 from threepc.proto.threepc_pb2 import WorkerMessage as ProtoWorkerMessage
 
@@ -169,17 +170,17 @@ def measure(kind: str, d: int, k: int | None, make: Callable[[], Message], repea
         row.compress_s = _median_s(repeats, make, warm=True)
 
         def encode() -> list[bytes]:
-            envelope = ProtoWorkerMessage()  # filled in place, as a worker does
-            codec.fill_update(envelope.update, ROUND, WORKER, message)
-            return frames(envelope, chunk_bytes(RunConfig(), d))  # as a worker's
+            envelope, bulk = ProtoWorkerMessage(), Bulk()  # filled in place, as a worker does
+            codec.fill_update(envelope.update, ROUND, WORKER, message, bulk)
+            return frames(envelope, chunk_bytes(RunConfig(), d), bulk)  # as a worker's
 
         def decode(data: list[bytes]) -> Message:
             inbound = Reassembler(ProtoWorkerMessage, Meter(), message_limit(RunConfig(), d))  # as the coordinator's
-            envelope = None
+            received = None
             for frame in data:
-                envelope = inbound.feed(frame)
-            assert envelope is not None
-            return codec.message_from_proto(envelope.update, d, ROUND, WORKER)
+                received = inbound.feed(frame)
+            assert received is not None
+            return codec.message_from_proto(received.message.update, d, ROUND, WORKER, received.bulk)
 
         data = encode()  # each first call below is also the warm-up of its timing
         decoded = decode(data)

@@ -4,13 +4,18 @@ The only module that knows both the math's payloads and the wire's messages. Eve
 validates before it returns (dimension, counts, lengths of packed fields, index range and order,
 level range, NaN/Inf, round and worker id) and raises `DecodeError` naming the field; nothing it
 returns can corrupt the aggregate.
+
+Bulk fields: an encoder given a `bulk` dict puts each field of `BULK_MIN` bytes or more there, by
+its path ("update.parts[0].dense.values"), instead of into the protobuf, and `wire.frames`
+splices them in; a decoder reads a field from the `bulk` its frame was parsed with, where it was
+cut out (`wire.Received.bulk`), else from the protobuf. Either way the same bytes cross the wire.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -32,6 +37,7 @@ from threepc.common.payloads import (
     VectorPayload,
     perm_k_block,
 )
+from threepc.common.splice import BULK_MIN, Buffer, Bulk, byte_view
 from threepc.proto.threepc_pb2 import Diagnostics as ProtoDiagnostics
 from threepc.proto.threepc_pb2 import Dtype as ProtoDtype
 from threepc.proto.threepc_pb2 import Part as ProtoPart
@@ -53,22 +59,49 @@ _NUMPY = {"float64": "<f8", "float32": "<f4", "float16": "<f2"}
 _ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def values_to_bytes(values: np.ndarray, dtype: str) -> bytes:
-    """Little-endian bytes of `values` (already rounded to `dtype`); bfloat16 as float32's top half."""
+NO_BULK: Mapping[str, Buffer] = {}
+
+
+def _wire_values(values: np.ndarray, dtype: str) -> np.ndarray:
+    """`values` (already rounded to `dtype`) as the little-endian array whose bytes travel;
+    bfloat16 as float32's top half. No copy where `values` already is that array."""
     if dtype == "bfloat16":
         top = np.ascontiguousarray(values, dtype="<f4").view("<u4") >> 16
-        return top.astype("<u2").tobytes()
-    return np.ascontiguousarray(values, dtype=_NUMPY[dtype]).tobytes()
+        return top.astype("<u2")
+    return np.ascontiguousarray(values, dtype=_NUMPY[dtype])
 
 
-def values_from_bytes(data: bytes, proto_dtype: int, count: int, field: str) -> tuple[np.ndarray, str]:
+def values_to_bytes(values: np.ndarray, dtype: str) -> bytes:
+    """Little-endian bytes of `values` (already rounded to `dtype`); bfloat16 as float32's top half."""
+    return _wire_values(values, dtype).tobytes()
+
+
+def _put(proto: Any, name: str, data: Buffer, path: str, bulk: Bulk | None) -> None:
+    """proto.<name> = data, or data into `bulk` at `path` if it is large (spliced in unchanged)."""
+    if bulk is not None and memoryview(data).nbytes >= BULK_MIN:
+        bulk[path] = byte_view(data)
+    else:
+        setattr(proto, name, bytes(data))
+
+
+def _put_values(proto: Any, name: str, values: np.ndarray, dtype: str, path: str, bulk: Bulk | None) -> None:
+    _put(proto, name, _wire_values(values, dtype), path, bulk)
+
+
+def _get(proto: Any, name: str, path: str, bulk: Mapping[str, Buffer]) -> Buffer:
+    """The bytes of proto.<name>, or of the field cut out of its frame at `path`."""
+    return bulk[path] if path in bulk else getattr(proto, name)
+
+
+def values_from_bytes(data: Buffer, proto_dtype: int, count: int, field: str) -> tuple[np.ndarray, str]:
     """`count` finite values from `data`; DecodeError on a wrong dtype, length or NaN/Inf."""
     dtype = _DTYPE_FROM_PROTO.get(proto_dtype)
     if dtype is None:
         raise DecodeError(f"{field}: unknown dtype {proto_dtype}")
-    if len(data) != count * _ITEMSIZE[dtype]:
+    nbytes = memoryview(data).nbytes
+    if nbytes != count * _ITEMSIZE[dtype]:
         raise DecodeError(
-            f"{field}: {len(data)} bytes, expected {count} {dtype} values = {count * _ITEMSIZE[dtype]} bytes"
+            f"{field}: {nbytes} bytes, expected {count} {dtype} values = {count * _ITEMSIZE[dtype]} bytes"
         )
     if dtype == "bfloat16":
         values = (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32)
@@ -82,23 +115,23 @@ def values_from_bytes(data: bytes, proto_dtype: int, count: int, field: str) -> 
 # ----------------------------------------------------------------------------- vector payloads
 
 
-def fill_part(proto: ProtoPart, part: VectorPayload) -> None:
+def fill_part(proto: ProtoPart, part: VectorPayload, bulk: Bulk | None = None, field: str = "part") -> None:
     """Write `part` into `proto` in place (building nested messages by constructor copies
-    every bulk field once more: 0.5 s for a dense d = 1e7 vector)."""
+    every bulk field once more: 0.5 s for a dense d = 1e7 vector); `field` is its path."""
     if isinstance(part, Chosen):
         proto.choice_bits = part.flag_bits
         part = part.payload
     if isinstance(part, DenseVector):
         proto.dense.dtype = _DTYPE_TO_PROTO[part.dtype]
-        proto.dense.values = values_to_bytes(part.values, part.dtype)
+        _put_values(proto.dense, "values", part.values, part.dtype, f"{field}.dense.values", bulk)
     elif isinstance(part, SparseVector):
         coding, packed, _ = bitpack.encode_indices(part.indices, part.size)
         sparse = proto.sparse
         sparse.count = int(part.indices.size)
         sparse.index_coding = int(coding)
-        sparse.indices = packed
+        _put(sparse, "indices", packed, f"{field}.sparse.indices", bulk)
         sparse.dtype = _DTYPE_TO_PROTO[part.dtype]
-        sparse.values = values_to_bytes(part.values, part.dtype)
+        _put_values(sparse, "values", part.values, part.dtype, f"{field}.sparse.values", bulk)
     elif isinstance(part, SeededSparseVector):
         seeded = proto.seeded
         seeded.rule = int(part.rule)
@@ -107,36 +140,36 @@ def fill_part(proto: ProtoPart, part: VectorPayload) -> None:
         seeded.block = part.block
         seeded.blocks = part.blocks
         seeded.dtype = _DTYPE_TO_PROTO[part.dtype]
-        seeded.values = values_to_bytes(part.values, part.dtype)
+        _put_values(seeded, "values", part.values, part.dtype, f"{field}.seeded.values", bulk)
     elif isinstance(part, QuantizedVector):
-        _fill_quantized(proto.quantized, part)
+        _fill_quantized(proto.quantized, part, bulk, f"{field}.quantized")
     elif isinstance(part, SeededQuantizedVector):
         sq = proto.seeded_quantized
         sq.rule = int(part.rule)
         sq.seed = part.seed
         sq.block = part.block
         sq.blocks = part.blocks
-        _fill_quantized(sq.quantized, part.quantized)
+        _fill_quantized(sq.quantized, part.quantized, bulk, f"{field}.seeded_quantized.quantized")
     elif isinstance(part, SignVector):
         sign = proto.sign
         sign.scale = part.scale
-        sign.signs = bitpack.pack_bits(part.negative)
+        _put(sign, "signs", bitpack.pack_bits(part.negative), f"{field}.sign.signs", bulk)
         sign.rotation_seed = part.rotation_seed
         sign.rotated = part.rotated
     else:
         raise TypeError(f"no wire form for {type(part).__name__}")
 
 
-def _fill_quantized(q: ProtoQuantizedVector, part: QuantizedVector) -> None:
+def _fill_quantized(q: ProtoQuantizedVector, part: QuantizedVector, bulk: Bulk | None, field: str) -> None:
     q.grid = int(part.grid)
     q.levels = part.levels
     q.scale = part.scale
     q.offset = part.offset
     q.signed = part.negative is not None
     if part.negative is not None:
-        q.signs = bitpack.pack_bits(part.negative)
+        _put(q, "signs", bitpack.pack_bits(part.negative), f"{field}.signs", bulk)
     q.level_bits = part.level_bits
-    q.level_codes = bitpack.pack_uints(part.level_codes, part.level_bits)
+    _put(q, "level_codes", bitpack.pack_uints(part.level_codes, part.level_bits), f"{field}.level_codes", bulk)
     q.seed = part.seed
 
 
@@ -177,25 +210,30 @@ def _packed(field: str, decode: Callable[..., _R], *args: object) -> _R:
 MAX_CHOICE_BITS = 2
 
 
-def part_from_proto(proto: ProtoPart, d: int, field: str = "part") -> VectorPayload:
+def part_from_proto(
+    proto: ProtoPart, d: int, field: str = "part", bulk: Mapping[str, Buffer] = NO_BULK
+) -> VectorPayload:
     """A validated vector payload of dimension d (wrapped in `Chosen` if it carries a choice)."""
     if proto.choice_bits > MAX_CHOICE_BITS:
         raise DecodeError(f"{field}.choice_bits: {proto.choice_bits}, at most {MAX_CHOICE_BITS}")
-    payload = _payload_from_proto(proto, d, field)
+    payload = _payload_from_proto(proto, d, field, bulk)
     return Chosen(payload, proto.choice_bits) if proto.choice_bits else payload
 
 
-def _payload_from_proto(proto: ProtoPart, d: int, field: str) -> VectorPayload:
+def _payload_from_proto(proto: ProtoPart, d: int, field: str, bulk: Mapping[str, Buffer]) -> VectorPayload:
     kind = proto.WhichOneof("kind")
     if kind == "dense":
-        values, dtype = values_from_bytes(proto.dense.values, proto.dense.dtype, d, f"{field}.dense.values")
+        path = f"{field}.dense.values"
+        values, dtype = values_from_bytes(_get(proto.dense, "values", path, bulk), proto.dense.dtype, d, path)
         return DenseVector(values, dtype)
     if kind == "sparse":
         sp = proto.sparse
         if sp.count > d:
             raise DecodeError(f"{field}.sparse.count: {sp.count} > d = {d}")
-        indices = _packed(f"{field}.sparse.indices", bitpack.decode_indices, sp.index_coding, sp.indices, sp.count, d)
-        values, dtype = values_from_bytes(sp.values, sp.dtype, sp.count, f"{field}.sparse.values")
+        path = f"{field}.sparse.indices"
+        indices = _packed(path, bitpack.decode_indices, sp.index_coding, _get(sp, "indices", path, bulk), sp.count, d)
+        path = f"{field}.sparse.values"
+        values, dtype = values_from_bytes(_get(sp, "values", path, bulk), sp.dtype, sp.count, path)
         return SparseVector(d, indices, values, dtype)
     if kind == "seeded":
         ss = proto.seeded
@@ -206,13 +244,14 @@ def _payload_from_proto(proto: ProtoPart, d: int, field: str) -> VectorPayload:
             raise DecodeError(f"{field}.seeded.count: {ss.count} > d = {d}")
         if rule is IndexRule.PERM_K and not (0 < ss.blocks <= d and ss.block < ss.blocks):
             raise DecodeError(f"{field}.seeded: block {ss.block} of {ss.blocks} invalid for d = {d}")
-        values, dtype = values_from_bytes(ss.values, ss.dtype, ss.count, f"{field}.seeded.values")
+        path = f"{field}.seeded.values"
+        values, dtype = values_from_bytes(_get(ss, "values", path, bulk), ss.dtype, ss.count, path)
         payload = SeededSparseVector(rule, ss.seed, values, ss.block, ss.blocks, dtype)
         if rule is IndexRule.PERM_K and payload.indices(d).size != ss.count:
             raise DecodeError(f"{field}.seeded.count: {ss.count} values for a block of {payload.indices(d).size}")
         return payload
     if kind == "quantized":
-        return _quantized_from_proto(proto.quantized, d, f"{field}.quantized")
+        return _quantized_from_proto(proto.quantized, d, f"{field}.quantized", bulk)
     if kind == "seeded_quantized":
         sq = proto.seeded_quantized
         if sq.rule != IndexRule.PERM_K:
@@ -220,17 +259,20 @@ def _payload_from_proto(proto: ProtoPart, d: int, field: str) -> VectorPayload:
         if not (0 < sq.blocks <= d and sq.block < sq.blocks):
             raise DecodeError(f"{field}.seeded_quantized: block {sq.block} of {sq.blocks} invalid for d = {d}")
         count = int(perm_k_block(d, sq.seed, sq.block, sq.blocks)[0].size)
-        quantized = _quantized_from_proto(sq.quantized, count, f"{field}.seeded_quantized.quantized")
+        quantized = _quantized_from_proto(sq.quantized, count, f"{field}.seeded_quantized.quantized", bulk)
         return SeededQuantizedVector(IndexRule.PERM_K, sq.seed, sq.block, sq.blocks, quantized)
     if kind == "sign":
         s = proto.sign
         count = padded_size(d) if s.rotated else d  # DRIVE sends d' = 2^ceil(log2 d) signs
-        negative = _packed(f"{field}.sign.signs", bitpack.unpack_bits, s.signs, count)
+        path = f"{field}.sign.signs"
+        negative = _packed(path, bitpack.unpack_bits, _get(s, "signs", path, bulk), count)
         return SignVector(_scale(s.scale, f"{field}.sign.scale"), negative, s.rotation_seed, s.rotated)
     raise DecodeError(f"{field}: unknown or missing payload kind")
 
 
-def _quantized_from_proto(q: ProtoQuantizedVector, count: int, field: str) -> QuantizedVector:
+def _quantized_from_proto(
+    q: ProtoQuantizedVector, count: int, field: str, bulk: Mapping[str, Buffer]
+) -> QuantizedVector:
     """`count` validated levels (and signs) on a known grid, scales within float32's range."""
     if q.grid not in Grid._value2member_map_:
         raise DecodeError(f"{field}.grid: unknown grid {q.grid}")
@@ -239,11 +281,13 @@ def _quantized_from_proto(q: ProtoQuantizedVector, count: int, field: str) -> Qu
     grid = Grid(q.grid)
     if grid in (Grid.UNIFORM, Grid.NATURAL) and q.levels < 1:
         raise DecodeError(f"{field}.levels: {q.levels}, expected s >= 1 for grid {grid.name}")
-    codes = _packed(f"{field}.level_codes", bitpack.unpack_uints, q.level_codes, count, q.level_bits)
+    path = f"{field}.level_codes"
+    codes = _packed(path, bitpack.unpack_uints, _get(q, "level_codes", path, bulk), count, q.level_bits)
     top = 254 if grid is Grid.EXPONENT else (q.levels - 1 if grid is Grid.RANGE else q.levels)
     if codes.size and int(codes.max()) > top:
         raise DecodeError(f"{field}.level_codes: level {int(codes.max())} > {top}")
-    negative = _packed(f"{field}.signs", bitpack.unpack_bits, q.signs, count) if q.signed else None
+    path = f"{field}.signs"
+    negative = _packed(path, bitpack.unpack_bits, _get(q, "signs", path, bulk), count) if q.signed else None
     return QuantizedVector(
         grid,
         q.levels,
@@ -259,14 +303,16 @@ def _quantized_from_proto(q: ProtoQuantizedVector, count: int, field: str) -> Qu
 # ----------------------------------------------------------------------------- round messages
 
 
-def fill_update(proto: ProtoUpdate, t: int, worker_id: int, message: Message) -> ProtoUpdate:
-    """Write round t's message into `proto` (e.g. `envelope.update`) in place; returns it."""
+def fill_update(
+    proto: ProtoUpdate, t: int, worker_id: int, message: Message, bulk: Bulk | None = None
+) -> ProtoUpdate:
+    """Write round t's message into `proto` (`envelope.update`) in place; returns it."""
     proto.round = t
     proto.worker_id = worker_id
     proto.mode = int(message.mode)
     proto.flag_bits = message.flag_bits
-    for part in message.parts:
-        fill_part(proto.parts.add(), part)
+    for i, part in enumerate(message.parts):
+        fill_part(proto.parts.add(), part, bulk, f"update.parts[{i}]")
     return proto
 
 
@@ -277,7 +323,9 @@ def message_to_proto(t: int, worker_id: int, message: Message) -> ProtoUpdate:
 MAX_PARTS = 4  # the largest composition (3PCv3 over 3PCv2) sends three parts
 
 
-def message_from_proto(proto: ProtoUpdate, d: int, t: int, worker_id: int) -> Message:
+def message_from_proto(
+    proto: ProtoUpdate, d: int, t: int, worker_id: int, bulk: Mapping[str, Buffer] = NO_BULK
+) -> Message:
     """A validated Message for round t from worker `worker_id`, dimension d."""
     if proto.round != t:
         raise DecodeError(f"update.round: {proto.round}, expected the current round {t}")
@@ -289,81 +337,104 @@ def message_from_proto(proto: ProtoUpdate, d: int, t: int, worker_id: int) -> Me
         raise DecodeError(f"update.parts: {len(proto.parts)} parts, at most {MAX_PARTS}")
     if proto.flag_bits > 1:
         raise DecodeError(f"update.flag_bits: {proto.flag_bits}, expected 0 or 1")
-    parts = tuple(part_from_proto(p, d, f"update.parts[{i}]") for i, p in enumerate(proto.parts))
+    parts = tuple(part_from_proto(p, d, f"update.parts[{i}]", bulk) for i, p in enumerate(proto.parts))
     return Message(Mode(proto.mode), parts, proto.flag_bits)
 
 
 def fill_round(
-    proto: ProtoRound, t: int, x: np.ndarray, aggregate_sum: np.ndarray | None = None, digest: bytes = b""
+    proto: ProtoRound,
+    t: int,
+    x: np.ndarray,
+    aggregate_sum: np.ndarray | None = None,
+    digest: bytes = b"",
+    bulk: Bulk | None = None,
 ) -> ProtoRound:
-    """Write x^t densely into `proto` (e.g. `envelope.round`) in place; returns it. Under the
+    """Write x^t densely into `proto` (`envelope.round`) in place; returns it. Under the
     delta downlink a dense round also carries g_sum, so the worker can follow from it."""
     dtype = x.dtype.name
     proto.round = t
     proto.dtype = _DTYPE_TO_PROTO[dtype]
-    proto.iterate = values_to_bytes(x, dtype)
+    _put_values(proto, "iterate", x, dtype, "round.iterate", bulk)
     if aggregate_sum is not None:
-        proto.aggregate_sum = values_to_bytes(aggregate_sum, "float64")
+        _put_values(proto, "aggregate_sum", aggregate_sum, "float64", "round.aggregate_sum", bulk)
     proto.digest = digest
     return proto
 
 
 def fill_round_change(
-    proto: ProtoRound, t: int, dtype: str, indices: np.ndarray, values: np.ndarray, d: int, digest: bytes
+    proto: ProtoRound,
+    t: int,
+    dtype: str,
+    indices: np.ndarray,
+    values: np.ndarray,
+    d: int,
+    digest: bytes,
+    bulk: Bulk | None = None,
 ) -> ProtoRound:
-    """Write round t as the change of g_sum (delta downlink) into `proto`; returns it."""
+    """Write round t as the change of g_sum (delta downlink) into `proto` (`envelope.round`); returns it."""
     coding, packed, _ = bitpack.encode_indices(indices, d)
     proto.round = t
     proto.dtype = _DTYPE_TO_PROTO[dtype]
     proto.delta = True
     proto.change_count = int(indices.size)
     proto.change_coding = int(coding)
-    proto.change_indices = packed
-    proto.change_values = values_to_bytes(values, "float64")
+    _put(proto, "change_indices", packed, "round.change_indices", bulk)
+    _put_values(proto, "change_values", values, "float64", "round.change_values", bulk)
     proto.digest = digest
     return proto
 
 
-def round_change_from_proto(proto: ProtoRound, d: int) -> tuple[np.ndarray, np.ndarray]:
+def round_change_from_proto(
+    proto: ProtoRound, d: int, bulk: Mapping[str, Buffer] = NO_BULK
+) -> tuple[np.ndarray, np.ndarray]:
     """The (indices, new g_sum values) of a delta round, validated."""
     if proto.change_count > d:
         raise DecodeError(f"round.change_count: {proto.change_count} > d = {d}")
+    path = "round.change_indices"
     indices = _packed(
-        "round.change_indices", bitpack.decode_indices, proto.change_coding, proto.change_indices, proto.change_count, d
+        path, bitpack.decode_indices, proto.change_coding, _get(proto, "change_indices", path, bulk), proto.change_count, d
     )
-    values, _ = values_from_bytes(proto.change_values, ProtoDtype.FLOAT64, proto.change_count, "round.change_values")
+    path = "round.change_values"
+    values, _ = values_from_bytes(_get(proto, "change_values", path, bulk), ProtoDtype.FLOAT64, proto.change_count, path)
     return indices, values
 
 
-def aggregate_from_proto(proto: ProtoRound, d: int) -> np.ndarray | None:
+def aggregate_from_proto(proto: ProtoRound, d: int, bulk: Mapping[str, Buffer] = NO_BULK) -> np.ndarray | None:
     """g_sum from a dense round under the delta downlink; None if the round carries none."""
-    if not proto.aggregate_sum:
+    path = "round.aggregate_sum"
+    data = _get(proto, "aggregate_sum", path, bulk)
+    if not memoryview(data).nbytes:
         return None
-    values, _ = values_from_bytes(proto.aggregate_sum, ProtoDtype.FLOAT64, d, "round.aggregate_sum")
+    values, _ = values_from_bytes(data, ProtoDtype.FLOAT64, d, path)
     return values
 
 
-def iterate_to_proto(t: int, x: np.ndarray) -> ProtoRound:
-    return fill_round(ProtoRound(), t, x)
-
-
-def iterate_from_proto(proto: ProtoRound, d: int) -> np.ndarray:
-    values, _ = values_from_bytes(proto.iterate, proto.dtype, d, "round.iterate")
+def iterate_from_proto(proto: ProtoRound, d: int, bulk: Mapping[str, Buffer] = NO_BULK) -> np.ndarray:
+    values, _ = values_from_bytes(_get(proto, "iterate", "round.iterate", bulk), proto.dtype, d, "round.iterate")
     return values
 
 
-def diagnostics_to_proto(t: int, worker_id: int, loss: float, grad: np.ndarray) -> ProtoDiagnostics:
-    return ProtoDiagnostics(
-        round=t, worker_id=worker_id, loss=loss, dtype=ProtoDtype.FLOAT64, gradient=values_to_bytes(grad, "float64")
-    )
+def fill_diagnostics(
+    proto: ProtoDiagnostics, t: int, worker_id: int, loss: float, grad: np.ndarray, bulk: Bulk | None = None
+) -> ProtoDiagnostics:
+    """Write round t's loss and float64 gradient into `proto` (`envelope.diagnostics`); returns it."""
+    proto.round = t
+    proto.worker_id = worker_id
+    proto.loss = loss
+    proto.dtype = ProtoDtype.FLOAT64
+    _put_values(proto, "gradient", grad, "float64", "diagnostics.gradient", bulk)
+    return proto
 
 
-def diagnostics_from_proto(proto: ProtoDiagnostics, d: int, t: int, worker_id: int) -> tuple[float, np.ndarray]:
+def diagnostics_from_proto(
+    proto: ProtoDiagnostics, d: int, t: int, worker_id: int, bulk: Mapping[str, Buffer] = NO_BULK
+) -> tuple[float, np.ndarray]:
     if proto.round != t or proto.worker_id != worker_id:
         raise DecodeError(
             f"diagnostics: round {proto.round} worker {proto.worker_id}, expected round {t} worker {worker_id}"
         )
-    grad, _ = values_from_bytes(proto.gradient, proto.dtype, d, "diagnostics.gradient")
+    path = "diagnostics.gradient"
+    grad, _ = values_from_bytes(_get(proto, "gradient", path, bulk), proto.dtype, d, path)
     return _finite(proto.loss, "diagnostics.loss"), np.asarray(grad, np.float64)  # no copy of float64
 
 

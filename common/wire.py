@@ -2,17 +2,21 @@
 
 Messages cross the stream as bytes we serialize ourselves (the gRPC method has no serializer),
 so each end knows the exact size of every message: its serialized protobuf plus gRPC's 5-byte
-message frame. A broadcast is serialized once and the same bytes go to every stream.
+message frame. A broadcast is serialized once and the same bytes go to every stream. Bulk fields
+(d-vectors) travel beside the protobuf, spliced in and cut out by `threepc.common.splice`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 
+from threepc.common import splice
 from threepc.common.errors import DecodeError
+from threepc.common.splice import Buffer, Bulk
 from threepc.proto.threepc_pb2 import Chunk as ProtoChunk
 from threepc.proto.threepc_pb2 import CoordinatorMessage as ProtoCoordinatorMessage
 from threepc.proto.threepc_pb2 import WorkerMessage as ProtoWorkerMessage
@@ -76,17 +80,27 @@ def category_of(message: ProtoWorkerMessage | ProtoCoordinatorMessage) -> str:
     return _CATEGORY.get(message.WhichOneof("kind") or "", CONTROL)
 
 
-def frames(message: ProtoWorkerMessage | ProtoCoordinatorMessage, chunk_bytes: int) -> list[bytes]:
-    """The gRPC messages that carry `message`: itself, or Chunk messages if it is too large."""
-    data = message.SerializeToString()
+def frames(
+    message: ProtoWorkerMessage | ProtoCoordinatorMessage, chunk_bytes: int, bulk: Mapping[str, Buffer] | None = None
+) -> list[bytes]:
+    """The gRPC messages that carry `message` with its `bulk` fields: itself, or Chunk messages
+    if it is too large."""
+    data = splice.serialize(message, bulk)
     if len(data) <= chunk_bytes:
         return [data]
     envelope = type(message)
-    pieces = range(0, len(data), chunk_bytes)
+    view = memoryview(data)
     return [
-        envelope(chunk=ProtoChunk(data=data[i : i + chunk_bytes], last=i + chunk_bytes >= len(data))).SerializeToString()
-        for i in pieces
+        splice.serialize(envelope(chunk=ProtoChunk(last=i + chunk_bytes >= len(data))), {"chunk.data": view[i : i + chunk_bytes]})
+        for i in range(0, len(data), chunk_bytes)
     ]
+
+
+class Received(NamedTuple, Generic[Envelope]):
+    """A message as it arrived: the protobuf without its bulk fields, and those by path."""
+
+    message: Envelope
+    bulk: Bulk
 
 
 class Reassembler(Generic[Envelope]):
@@ -96,7 +110,7 @@ class Reassembler(Generic[Envelope]):
         self.envelope = envelope
         self.meter = meter
         self.max_bytes = max_bytes
-        self._pending: list[bytes] = []
+        self._pending: list[Buffer] = []
         self._pending_frames: list[int] = []
 
     @property
@@ -104,34 +118,33 @@ class Reassembler(Generic[Envelope]):
         """Whether a chunked message has begun and not ended."""
         return bool(self._pending)
 
-    def feed(self, data: bytes) -> Envelope | None:
+    def feed(self, data: bytes) -> Received[Envelope] | None:
         """The message `data` completes, or None while a chunked message is still arriving."""
-        message = self._parse(data)
+        message, bulk = self._parse(data)
         if message.WhichOneof("kind") != "chunk":
             if self._pending:
                 raise DecodeError("chunk: a message arrived in the middle of a chunked one")
             self.meter.count_received(category_of(message), len(data))
-            return message
-        self._pending.append(message.chunk.data)
+            return Received(message, bulk)
+        self._pending.append(bulk.get("chunk.data", message.chunk.data))
         self._pending_frames.append(len(data))
-        if sum(len(p) for p in self._pending) > self.max_bytes:
+        if sum(memoryview(p).nbytes for p in self._pending) > self.max_bytes:
             raise DecodeError(f"chunk: chunked message exceeds the limit of {self.max_bytes} bytes")
         if not message.chunk.last:
             return None
-        whole = self._parse(b"".join(self._pending))
+        whole, bulk = self._parse(b"".join(self._pending))
         if whole.WhichOneof("kind") == "chunk":
             raise DecodeError("chunk: a chunked message may not contain another chunk")
         for size in self._pending_frames:
             self.meter.count_received(category_of(whole), size)
         self._pending, self._pending_frames = [], []
-        return whole
+        return Received(whole, bulk)
 
-    def _parse(self, data: bytes) -> Envelope:
-        message = self.envelope()
+    def _parse(self, data: bytes) -> tuple[Envelope, Bulk]:
         try:
-            message.ParseFromString(data)
+            message, bulk = splice.parse(self.envelope, data)
         except ProtobufDecodeError as err:
             raise DecodeError(f"message: not a valid {self.envelope.DESCRIPTOR.name}: {err}") from None
         if message.WhichOneof("kind") is None:
             raise DecodeError(f"message: empty or unknown {self.envelope.DESCRIPTOR.name}")
-        return message
+        return message, bulk

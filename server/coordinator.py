@@ -51,6 +51,7 @@ from threepc.common.errors import (
     TransportError,
 )
 from threepc.common.payloads import Message, value_bits
+from threepc.common.splice import Bulk
 from threepc.common.wire import (
     CONTROL,
     DIAGNOSTICS,
@@ -303,9 +304,10 @@ class Coordinator:
             data = await self._read(context)
             if data is grpc.aio.EOF:
                 raise ProtocolError(f"stream ended while waiting for {kind}")
-            message = inbound.feed(data)
-            if message is None:
+            received = inbound.feed(data)
+            if received is None:
                 continue
+            message = received.message
             if message.WhichOneof("kind") != kind:
                 raise ProtocolError(f"expected {kind}, got {message.WhichOneof('kind')}")
             return message
@@ -368,23 +370,24 @@ class Coordinator:
             while True:
                 # Neither the last parsed message (a d-sized arena) nor the last update handed on
                 # (d values under GD, n of them held at once otherwise) is held while waiting.
-                message = decoded = None
+                received = message = decoded = None
                 if pending is None and not inbound.mid_message and self.gates_reads:
                     await self._turn_of(wid, last)
                 data = await self._read(context)
                 if data is grpc.aio.EOF:
                     raise TransportError(f"worker {wid} closed its stream")
-                message = inbound.feed(data)
-                del data  # the frame's bytes: parsed, not needed while the next one arrives
-                if message is None:
+                received = inbound.feed(data)
+                del data  # the frame's bytes: parsed (its bulk fields are views of them in `received`)
+                if received is None:
                     continue
+                message, bulk = received
                 kind = message.WhichOneof("kind")
                 if kind == "update" and pending is None:
                     r = last = message.update.round
                     if not self._open_for(wid, r):
                         dropped = r
                         continue
-                    decoded = codec.message_from_proto(message.update, d, r, wid)
+                    decoded = codec.message_from_proto(message.update, d, r, wid, bulk)
                     self._answered.add(wid)
                     if r % self.config.diagnostics_every == 0:
                         pending = (r, decoded)
@@ -392,7 +395,7 @@ class Coordinator:
                         self._events.put_nowait((wid, "update", (r, decoded)))
                 elif kind == "diagnostics" and pending is not None:
                     r, decoded = pending
-                    diag = codec.diagnostics_from_proto(message.diagnostics, d, r, wid)
+                    diag = codec.diagnostics_from_proto(message.diagnostics, d, r, wid, bulk)
                     pending = None
                     if r == self._collecting:
                         # Its figures count now: the gradient (a d-vector per worker) is not held
@@ -531,11 +534,11 @@ class Coordinator:
         if change is None:
             self._round_frames = self._dense_round(t)
         else:
-            message = ProtoCoordinatorMessage()
+            message, bulk = ProtoCoordinatorMessage(), Bulk()
             codec.fill_round_change(
-                message.round, t, self.agg.x.dtype.name, change[0], change[1], self.plan.dim, digest(self.agg.x)
+                message.round, t, self.agg.x.dtype.name, change[0], change[1], self.plan.dim, digest(self.agg.x), bulk
             )
-            self._round_frames = (category_of(message), frames(message, self.plan.chunk_bytes))
+            self._round_frames = (category_of(message), frames(message, self.plan.chunk_bytes, bulk))
         self._answered, self._applied, self._held, self._cursor, self._passed = set(), [], {}, 0, set()
         self._collecting = t
         self._move_turn()
@@ -638,10 +641,10 @@ class Coordinator:
     def _dense_round(self, t: int) -> Frames:
         """Round t with x^t itself (and g_sum under the delta downlink), serialized once."""
         if self._dense_frames is None:
-            message = ProtoCoordinatorMessage()
+            message, bulk = ProtoCoordinatorMessage(), Bulk()
             aggregate = self.agg.g_sum if self.delta else None
-            codec.fill_round(message.round, t, self.agg.x, aggregate, digest(self.agg.x) if self.delta else b"")
-            self._dense_frames = (category_of(message), frames(message, self.plan.chunk_bytes))
+            codec.fill_round(message.round, t, self.agg.x, aggregate, digest(self.agg.x) if self.delta else b"", bulk)
+            self._dense_frames = (category_of(message), frames(message, self.plan.chunk_bytes, bulk))
         return self._dense_frames
 
     def _close_round(self, t: int) -> None:

@@ -24,23 +24,33 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from threepc.common import codec
+from threepc.common import codec, tls
 from threepc.common import config as config_mod
-from threepc.common.engine import IterateFollower, WorkerNode, chunk_bytes, digest, load_data, load_shard, local_problem
+from threepc.common.engine import (
+    IterateFollower,
+    WorkerNode,
+    chunk_bytes,
+    digest,
+    load_data,
+    load_shard,
+    local_problem,
+)
 from threepc.common.errors import (
     AuthError,
     DecodeError,
     DivergedError,
-    RunFinishedError,
     MismatchError,
     ProtocolError,
+    RunFinishedError,
     ThreePCError,
     TransportError,
 )
+from threepc.common.splice import Bulk
 from threepc.common.wire import (
     TRAIN_METHOD,
     Meter,
     Reassembler,
+    Received,
     category_of,
     channel_options,
     frames,
@@ -52,7 +62,6 @@ from threepc.proto.threepc_pb2 import Restore as ProtoRestore
 from threepc.proto.threepc_pb2 import Resync as ProtoResync
 from threepc.proto.threepc_pb2 import Round as ProtoRound
 from threepc.proto.threepc_pb2 import WorkerMessage as ProtoWorkerMessage
-from threepc.common import tls
 
 log = logging.getLogger("threepc.worker")
 
@@ -202,20 +211,20 @@ def _restore(node: WorkerNode, proto: ProtoRestore) -> None:
         node.restore(*restored)
 
 
-def _iterate(session: _Session, node: WorkerNode, proto: ProtoRound) -> np.ndarray | None:
+def _iterate(session: _Session, node: WorkerNode, proto: ProtoRound, bulk: Bulk) -> np.ndarray | None:
     """x^t from a Round: given densely, or rebuilt from the change of g_sum (delta downlink);
     None when the rebuilt one does not match the coordinator's digest."""
     d = node.problem.dim
     if not proto.delta:
-        x = codec.iterate_from_proto(proto, d)
-        aggregate = codec.aggregate_from_proto(proto, d)
+        x = codec.iterate_from_proto(proto, d, bulk)
+        aggregate = codec.aggregate_from_proto(proto, d, bulk)
         if aggregate is not None:
             step_scale = 1.0 if node.mechanism.worker_scales else float(node.config.stepsize)
             session.follower = IterateFollower(x, aggregate, node.config.workers, step_scale)
         return x
     if session.follower is None:
         return None
-    indices, values = codec.round_change_from_proto(proto, d)
+    indices, values = codec.round_change_from_proto(proto, d, bulk)
     x = session.follower.follow(indices, values)
     return x if digest(x) == proto.digest else None
 
@@ -231,8 +240,8 @@ async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, sessio
             return _translate(code, await call.details(), options.coordinator)
         return TransportError("the coordinator closed the stream before the run was done")
 
-    async def send(message: ProtoWorkerMessage, chunk_bytes: int) -> None:
-        for data in frames(message, chunk_bytes):
+    async def send(message: ProtoWorkerMessage, chunk_bytes: int, bulk: Bulk | None = None) -> None:
+        for data in frames(message, chunk_bytes, bulk):
             try:
                 await call.write(data)
             except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
@@ -241,19 +250,19 @@ async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, sessio
                 raise await ended() from None
             meter.count_sent(category_of(message), len(data))
 
-    async def receive() -> ProtoCoordinatorMessage:
+    async def receive() -> Received[ProtoCoordinatorMessage]:
         while True:
             data = await call.read()
             if data is grpc.aio.EOF:
                 raise await ended()
-            message = inbound.feed(data)
-            if message is not None:
-                return message
+            received = inbound.feed(data)
+            if received is not None:
+                return received
 
     session.streams += 1
     join = ProtoJoin(requested_id=session.worker_id, token=options.token, version=VERSION)
     await send(ProtoWorkerMessage(join=join), 1 << 20)
-    first = await receive()
+    first, _ = await receive()  # a Welcome's restore is read from the protobuf: rare, never spliced
     if first.WhichOneof("kind") != "welcome":
         raise ProtocolError(f"expected welcome, got {first.WhichOneof('kind')}")
     welcome = first.welcome
@@ -274,7 +283,7 @@ async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, sessio
     await send(ProtoWorkerMessage(ready=ProtoReady(rows=problem.rows, dimension=problem.dim)), chunk)
     log.info("worker %d: %d rows, d = %d, from round %d", worker_id, problem.rows, problem.dim, welcome.start_round)
     while True:
-        message = await receive()
+        message, bulk = await receive()
         kind = message.WhichOneof("kind")
         session.trained = True
         if kind == "done":
@@ -286,7 +295,7 @@ async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, sessio
         if kind != "round":
             raise ProtocolError(f"expected round, restore or done, got {kind}")
         t = message.round.round
-        x = _iterate(session, node, message.round)
+        x = _iterate(session, node, message.round, bulk)
         if x is None:  # the rebuilt iterate missed the digest: ask for round t densely
             await send(ProtoWorkerMessage(resync=ProtoResync(round=t)), chunk)
             session.resyncs += 1
@@ -294,13 +303,14 @@ async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, sessio
         update, diagnostics = node.round(t, x)
         if options.throttle_s and (options.throttle_rounds is None or t in options.throttle_rounds):
             await asyncio.sleep(options.throttle_s)
-        envelope = ProtoWorkerMessage()  # filled in place: a constructor would copy the values again
-        codec.fill_update(envelope.update, t, worker_id, update)
-        await send(envelope, chunk)
+        envelope, bulk = ProtoWorkerMessage(), Bulk()  # filled in place: a constructor would copy the values again
+        codec.fill_update(envelope.update, t, worker_id, update, bulk)
+        await send(envelope, chunk, bulk)
         if diagnostics is not None:
-            await send(
-                ProtoWorkerMessage(diagnostics=codec.diagnostics_to_proto(t, worker_id, *diagnostics)), chunk
-            )
+            envelope, bulk = ProtoWorkerMessage(), Bulk()
+            codec.fill_diagnostics(envelope.diagnostics, t, worker_id, *diagnostics, bulk)
+            await send(envelope, chunk, bulk)
+        del message, bulk, x, envelope, update, diagnostics  # d-vectors: not held while the next round arrives
         session.rounds += 1
     with contextlib.suppress(asyncio.InvalidStateError):  # the coordinator may have ended it already
         await call.done_writing()

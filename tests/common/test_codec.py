@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 
-from threepc.common import bitpack, codec, config, engine
+from threepc.common import bitpack, codec, config, engine, splice
 from threepc.common.bitpack import IndexCoding
 from threepc.common.compressors import COMPRESSORS, make_compressor
 from threepc.common.errors import DecodeError
@@ -39,6 +39,7 @@ from threepc.common.payloads import (
     to_wire_dtype,
 )
 from threepc.common.randomness import fixed
+from threepc.common.splice import Bulk
 from threepc.common.wire import Meter, Reassembler, frames
 from threepc.proto.threepc_pb2 import Chunk as ProtoChunk
 from threepc.proto.threepc_pb2 import Part as ProtoPart
@@ -163,13 +164,14 @@ def _wire(message: Message, t: int = T, worker_id: int = WORKER) -> bytes:
 
 def _through_the_wire(message: Message, d: int, chunk_bytes: int = 1 << 20) -> Message:
     """Encode as the worker does, decode as the coordinator does (chunked when large)."""
-    envelope = ProtoWorkerMessage(update=codec.message_to_proto(T, WORKER, message))
-    inbound = Reassembler(ProtoWorkerMessage, Meter(), 1 << 24)
+    envelope, bulk = ProtoWorkerMessage(), Bulk()
+    codec.fill_update(envelope.update, T, WORKER, message, bulk)
+    inbound = Reassembler(ProtoWorkerMessage, Meter(), 1 << 26)
     received = None
-    for frame in frames(envelope, chunk_bytes):
+    for frame in frames(envelope, chunk_bytes, bulk):
         received = inbound.feed(frame)
     assert received is not None
-    return codec.message_from_proto(received.update, d, T, WORKER)
+    return codec.message_from_proto(received.message.update, d, T, WORKER, received.bulk)
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -965,18 +967,19 @@ def _decode_and_apply(agg: engine.Aggregator, data: list[bytes]) -> str:
     """The coordinator's path for one worker's frames; the outcome's name."""
     inbound = Reassembler(ProtoWorkerMessage, Meter(), LIMIT)
     try:
-        envelope = None
+        received = None
         for frame in data:
-            envelope = inbound.feed(frame)
-        if envelope is None:
+            received = inbound.feed(frame)
+        if received is None:
             return "pending"
+        envelope, bulk = received
         kind = envelope.WhichOneof("kind")
         if kind == "update":
-            message = codec.message_from_proto(envelope.update, D, T, WORKER)
+            message = codec.message_from_proto(envelope.update, D, T, WORKER, bulk)
             agg.apply(WORKER, message)
             return "applied"
         if kind == "diagnostics":
-            codec.diagnostics_from_proto(envelope.diagnostics, D, T, WORKER)
+            codec.diagnostics_from_proto(envelope.diagnostics, D, T, WORKER, bulk)
         return str(kind)
     except DecodeError:
         return "refused"
@@ -1062,6 +1065,48 @@ def test_fuzz_harness_sees_a_crash_and_a_state_change(monkeypatch: pytest.Monkey
     monkeypatch.setattr(engine.Aggregator, "apply", apply_then_refuse)
     _, failures = run_fuzz(300)
     assert ("state changed", "refused") in failures
+
+
+SPLICE_FUZZ_CASES = 20_000
+
+
+def test_fuzz_cutting_out_every_bytes_field_changes_no_outcome(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fuzz inputs again, each decoded twice: by protobuf alone, and with every bytes field
+    of 8 bytes or more cut out by `splice.parse` (as d-vectors are). Cutting may refuse what
+    protobuf would merge (a singular field twice); otherwise the outcome and the state after it
+    are the same."""
+    plain_agg, cut_agg = _aggregator(), _aggregator()
+    baseline = (plain_agg.x.copy(), plain_agg.mirrors.copy(), plain_agg.g_sum.copy())
+    pool = _valid_updates()
+    pool_bytes = [ProtoWorkerMessage(update=u).SerializeToString() for u in pool]
+    r = random.Random(FUZZ_SEED + 1)
+    cuts = 0
+    real_parse = splice.parse
+
+    def counting_parse(envelope: Any, data: bytes) -> Any:
+        nonlocal cuts
+        message, bulk = real_parse(envelope, data)
+        cuts += bool(bulk)
+        return message, bulk
+
+    monkeypatch.setattr(splice, "parse", counting_parse)
+    differ: list[tuple[str, str, str, str]] = []
+    with np.errstate(over="raise", invalid="raise", divide="raise", under="ignore"):
+        for _ in range(SPLICE_FUZZ_CASES):
+            strategy, data = _fuzz_input(r, pool, pool_bytes)
+            monkeypatch.setattr(splice, "BULK_MIN", 1 << 40)
+            plain = _decode_and_apply(plain_agg, data)
+            monkeypatch.setattr(splice, "BULK_MIN", 8)
+            cut = _decode_and_apply(cut_agg, data)
+            same = cut == plain and _state(cut_agg) == _state(plain_agg)
+            if not same and not (cut == "refused" and all(np.array_equal(a, b) for a, b in zip(
+                (cut_agg.x, cut_agg.mirrors, cut_agg.g_sum), baseline, strict=True
+            ))):
+                differ.append((strategy, plain, cut, b"".join(data).hex()))
+            for agg in (plain_agg, cut_agg):
+                agg.x, agg.mirrors, agg.g_sum = (a.copy() for a in baseline)
+    assert not differ, f"{len(differ)} inputs decoded differently; first: {differ[0]}"
+    assert cuts > SPLICE_FUZZ_CASES // 4  # the cut path ran, not only protobuf's
 
 
 def test_a_choice_flag_travels_and_an_absurd_one_is_refused() -> None:

@@ -16,16 +16,16 @@ def test_a_worker_rebuilds_x_and_asks_for_a_resync_when_the_digest_differs() -> 
     session = _Session(worker_id=0)
     agg = engine.Aggregator(dataclasses.replace(p, downlink="delta"))
     dense = codec.fill_round(ProtoRound(), 0, agg.x, agg.g_sum, engine.digest(agg.x))
-    assert np.array_equal(_iterate(session, node, dense), agg.x)
+    assert np.array_equal(_iterate(session, node, dense, {}), agg.x)
     other = engine.WorkerNode(p.resolved, 1, engine.local_problem(p.resolved, engine.load_shard(p.resolved, 1, full), 1))
     for worker in (node, other):
         agg.apply(worker.worker_id, worker.round(0, agg.x)[0])
     agg.finish_round()
     indices, values = agg.change
     delta = codec.fill_round_change(ProtoRound(), 1, agg.x.dtype.name, indices, values, p.dim, engine.digest(agg.x))
-    assert np.array_equal(_iterate(session, node, delta), agg.x)
+    assert np.array_equal(_iterate(session, node, delta, {}), agg.x)
     # A follower that drifted (here: tampered with) gets None: the worker asks for round t densely.
     drifted = _Session(worker_id=0)
-    _iterate(drifted, node, dense)
+    _iterate(drifted, node, dense, {})
     drifted.follower.x[0] += 1.0
-    assert _iterate(drifted, node, delta) is None
+    assert _iterate(drifted, node, delta, {}) is None
