@@ -368,9 +368,9 @@ class Coordinator:
         last = -1  # the round of the last update read: the next one is read in a later round
         try:
             while True:
-                # Neither the last parsed message (a d-sized arena) nor the last update handed on
+                # Neither the last frame (its bulk fields are views of it) nor the last update handed on
                 # (d values under GD, n of them held at once otherwise) is held while waiting.
-                received = message = decoded = None
+                received = message = bulk = decoded = None
                 if pending is None and not inbound.mid_message and self.gates_reads:
                     await self._turn_of(wid, last)
                 data = await self._read(context)
