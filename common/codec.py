@@ -365,20 +365,24 @@ def fill_round_change(
     proto: ProtoRound,
     t: int,
     dtype: str,
-    indices: np.ndarray,
+    indices: np.ndarray | None,
     values: np.ndarray,
     d: int,
     digest: bytes,
     bulk: Bulk | None = None,
 ) -> ProtoRound:
-    """Write round t as the change of g_sum (delta downlink) into `proto` (`envelope.round`); returns it."""
-    coding, packed, _ = bitpack.encode_indices(indices, d)
+    """Write round t as the change of g_sum (delta downlink) into `proto` (`envelope.round`); returns it.
+
+    `indices` None (or all d of them): every coordinate changed, and no indices travel (d sorted
+    distinct indices in [0, d) can only be 0..d-1)."""
     proto.round = t
     proto.dtype = _DTYPE_TO_PROTO[dtype]
     proto.delta = True
-    proto.change_count = int(indices.size)
-    proto.change_coding = int(coding)
-    _put(proto, "change_indices", packed, "round.change_indices", bulk)
+    proto.change_count = d if indices is None else int(indices.size)
+    if proto.change_count < d:
+        coding, packed, _ = bitpack.encode_indices(indices, d)
+        proto.change_coding = int(coding)
+        _put(proto, "change_indices", packed, "round.change_indices", bulk)
     _put_values(proto, "change_values", values, "float64", "round.change_values", bulk)
     proto.digest = digest
     return proto
@@ -386,14 +390,17 @@ def fill_round_change(
 
 def round_change_from_proto(
     proto: ProtoRound, d: int, bulk: Mapping[str, Buffer] = NO_BULK
-) -> tuple[np.ndarray, np.ndarray]:
-    """The (indices, new g_sum values) of a delta round, validated."""
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """The (indices, new g_sum values) of a delta round, validated; indices None: all d."""
     if proto.change_count > d:
         raise DecodeError(f"round.change_count: {proto.change_count} > d = {d}")
-    path = "round.change_indices"
-    indices = _packed(
-        path, bitpack.decode_indices, proto.change_coding, _get(proto, "change_indices", path, bulk), proto.change_count, d
-    )
+    indices = None
+    if proto.change_count < d:
+        path = "round.change_indices"
+        packed = _get(proto, "change_indices", path, bulk)
+        indices = _packed(path, bitpack.decode_indices, proto.change_coding, packed, proto.change_count, d)
+    elif proto.change_indices or "round.change_indices" in bulk:
+        raise DecodeError("round.change_indices: given for a change of all d coordinates (they must be left out)")
     path = "round.change_values"
     values, _ = values_from_bytes(_get(proto, "change_values", path, bulk), ProtoDtype.FLOAT64, proto.change_count, path)
     return indices, values

@@ -81,9 +81,8 @@ class WireConfig(_Frozen):
     chunk_bytes: int | None = Field(
         None,
         ge=1 << 10,
-        description="messages larger than this travel in chunks (for proxies with a lower limit); "
-        "default: as large as the message limit allows, so that only a message no gRPC message could "
-        "carry is chunked (each chunk costs copies to rejoin)",
+        description="messages larger than this travel in chunks; default: 4 MiB (gRPC copies a "
+        "broadcast into every stream, so larger frames cost the coordinator n copies in flight)",
     )
     read_ahead: int | None = Field(
         None,

@@ -47,20 +47,27 @@ def byte_view(buffer: Buffer) -> memoryview:
 # ----------------------------------------------------------------------------- send
 
 
-def serialize(message: ProtoMessage, bulk: Mapping[str, Buffer] | None = None) -> bytes:
-    """`message` serialized with each bulk field set: the bytes of `bulk[path]` at `path`."""
-    data = message.SerializeToString()
+def serialize(message: ProtoMessage, bulk: Mapping[str, Buffer | list[Buffer]] | None = None) -> bytes:
+    """`message` serialized with each bulk field set: the bytes of `bulk[path]` at `path` (a list
+    of buffers: their bytes one after another)."""
+    return b"".join(pieces(message, bulk))
+
+
+def pieces(message: ProtoMessage, bulk: Mapping[str, Buffer | list[Buffer]] | None = None) -> list[memoryview]:
+    """`serialize`'s bytes as the pieces they are joined from: views of the bulk buffers and of
+    the rest of the message (to cut them into chunks without first joining them)."""
+    data = memoryview(message.SerializeToString())
     if not bulk:
-        return data
+        return [data]
     tree: dict[str, Any] = {}
     for path, value in bulk.items():
         *parents, leaf = path.split(".")
         node = tree
         for name in parents:
             node = node.setdefault(name, {})
-        node[leaf] = byte_view(value)
-    pieces, _ = _splice(memoryview(data), 0, len(data), message.DESCRIPTOR, tree)
-    return b"".join(pieces)
+        node[leaf] = [byte_view(v) for v in value] if isinstance(value, list) else [byte_view(value)]
+    spliced, _ = _splice(data, 0, len(data), message.DESCRIPTOR, tree)
+    return spliced
 
 
 def _splice(data: memoryview, start: int, end: int, descriptor: Descriptor, tree: dict) -> tuple[list, int]:
@@ -101,25 +108,27 @@ def _splice(data: memoryview, start: int, end: int, descriptor: Descriptor, tree
         else:
             if field.type != FieldDescriptor.TYPE_BYTES:
                 raise ValueError(f"{descriptor.full_name}.{name} is not a bytes field")
-            pieces += [_varint(field.number << 3 | _LENGTH_DELIMITED), _varint(value.nbytes), value]
-    return pieces, sum(memoryview(p).nbytes for p in pieces)
+            pieces += [_varint(field.number << 3 | _LENGTH_DELIMITED), _varint(sum(v.nbytes for v in value)), *value]
+    return [memoryview(p) for p in pieces], sum(memoryview(p).nbytes for p in pieces)
 
 
 # ----------------------------------------------------------------------------- receive
 
 
-def parse(envelope: type[M], data: bytes) -> tuple[M, Bulk]:
+def parse(envelope: type[M], data: Buffer) -> tuple[M, Bulk]:
     """`data` parsed as `envelope`, its bytes fields of BULK_MIN bytes or more apart, by path.
 
     DecodeError if the framing around those fields is malformed; protobuf's own errors (in the
     rest) propagate as protobuf raises them."""
     bulk: Bulk = {}
-    if len(data) >= BULK_MIN:
-        pieces = _strip(memoryview(data), 0, len(data), envelope.DESCRIPTOR, "", bulk)
+    view = byte_view(data).toreadonly()  # bulk views must not write into the frame
+    rest: Buffer = view
+    if view.nbytes >= BULK_MIN:
+        pieces = _strip(view, 0, view.nbytes, envelope.DESCRIPTOR, "", bulk)
         if bulk:
-            data = b"".join(pieces)
+            rest = b"".join(pieces)
     message = envelope()
-    message.ParseFromString(data)
+    message.ParseFromString(rest)
     return message, bulk
 
 

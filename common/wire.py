@@ -12,11 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Generic, NamedTuple, TypeVar
 
+import numpy as np
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 
 from threepc.common import splice
 from threepc.common.errors import DecodeError
-from threepc.common.splice import Buffer, Bulk
+from threepc.common.splice import Buffer, Bulk, byte_view
 from threepc.proto.threepc_pb2 import Chunk as ProtoChunk
 from threepc.proto.threepc_pb2 import CoordinatorMessage as ProtoCoordinatorMessage
 from threepc.proto.threepc_pb2 import WorkerMessage as ProtoWorkerMessage
@@ -84,16 +85,32 @@ def frames(
     message: ProtoWorkerMessage | ProtoCoordinatorMessage, chunk_bytes: int, bulk: Mapping[str, Buffer] | None = None
 ) -> list[bytes]:
     """The gRPC messages that carry `message` with its `bulk` fields: itself, or Chunk messages
-    if it is too large."""
-    data = splice.serialize(message, bulk)
-    if len(data) <= chunk_bytes:
-        return [data]
+    if it is too large (each cut from the message's pieces: the whole is never joined here)."""
+    pieces = splice.pieces(message, bulk)
+    size = sum(p.nbytes for p in pieces)
+    if size <= chunk_bytes:
+        return [b"".join(pieces)]
     envelope = type(message)
-    view = memoryview(data)
-    return [
-        splice.serialize(envelope(chunk=ProtoChunk(last=i + chunk_bytes >= len(data))), {"chunk.data": view[i : i + chunk_bytes]})
-        for i in range(0, len(data), chunk_bytes)
-    ]
+    chunks = []
+    for start in range(0, size, chunk_bytes):
+        chunk = ProtoChunk(last=start + chunk_bytes >= size, total_bytes=size if start == 0 else 0)
+        chunks.append(splice.serialize(envelope(chunk=chunk), {"chunk.data": _cut(pieces, chunk_bytes)}))
+    return chunks
+
+
+def _cut(pieces: list[memoryview], nbytes: int) -> list[memoryview]:
+    """The first `nbytes` of `pieces` (fewer if they hold fewer), taken off their front."""
+    taken: list[memoryview] = []
+    while pieces and nbytes > 0:
+        piece = pieces[0]
+        if piece.nbytes <= nbytes:
+            taken.append(pieces.pop(0))
+            nbytes -= piece.nbytes
+        else:
+            taken.append(piece[:nbytes])
+            pieces[0] = piece[nbytes:]
+            nbytes = 0
+    return taken
 
 
 class Received(NamedTuple, Generic[Envelope]):
@@ -110,37 +127,51 @@ class Reassembler(Generic[Envelope]):
         self.envelope = envelope
         self.meter = meter
         self.max_bytes = max_bytes
-        self._pending: list[Buffer] = []
+        self._whole: np.ndarray | None = None  # the chunked message being gathered (its total_bytes)
+        self._filled = 0
         self._pending_frames: list[int] = []
 
     @property
     def mid_message(self) -> bool:
         """Whether a chunked message has begun and not ended."""
-        return bool(self._pending)
+        return self._whole is not None
 
-    def feed(self, data: bytes) -> Received[Envelope] | None:
-        """The message `data` completes, or None while a chunked message is still arriving."""
+    def feed(self, data: Buffer) -> Received[Envelope] | None:
+        """The message `data` completes, or None while a chunked message is still arriving.
+
+        A chunk's bytes are copied into one buffer of the size its first chunk announced, so a
+        chunked message costs its size once, not its chunks and their join."""
         message, bulk = self._parse(data)
         if message.WhichOneof("kind") != "chunk":
-            if self._pending:
+            if self._whole is not None:
                 raise DecodeError("chunk: a message arrived in the middle of a chunked one")
             self.meter.count_received(category_of(message), len(data))
             return Received(message, bulk)
-        self._pending.append(bulk.get("chunk.data", message.chunk.data))
+        chunk = message.chunk
+        if self._whole is None:
+            if chunk.total_bytes > self.max_bytes:
+                raise DecodeError(f"chunk: chunked message of {chunk.total_bytes} bytes exceeds the limit of {self.max_bytes} bytes")
+            self._whole, self._filled = np.empty(chunk.total_bytes, np.uint8), 0
+        piece = byte_view(bulk.get("chunk.data", chunk.data))
+        end = self._filled + piece.nbytes
+        if end > self._whole.size:
+            raise DecodeError(f"chunk: chunks exceed the {self._whole.size} bytes their first one announced")
+        self._whole[self._filled : end] = np.frombuffer(piece, np.uint8)
+        self._filled = end
         self._pending_frames.append(len(data))
-        if sum(memoryview(p).nbytes for p in self._pending) > self.max_bytes:
-            raise DecodeError(f"chunk: chunked message exceeds the limit of {self.max_bytes} bytes")
-        if not message.chunk.last:
+        if not chunk.last:
             return None
-        whole, bulk = self._parse(b"".join(self._pending))
+        if end != self._whole.size:
+            raise DecodeError(f"chunk: the last chunk ends at byte {end} of the {self._whole.size} announced")
+        whole, bulk = self._parse(self._whole)
         if whole.WhichOneof("kind") == "chunk":
             raise DecodeError("chunk: a chunked message may not contain another chunk")
         for size in self._pending_frames:
             self.meter.count_received(category_of(whole), size)
-        self._pending, self._pending_frames = [], []
+        self._whole, self._pending_frames = None, []
         return Received(whole, bulk)
 
-    def _parse(self, data: bytes) -> tuple[Envelope, Bulk]:
+    def _parse(self, data: Buffer) -> tuple[Envelope, Bulk]:
         try:
             message, bulk = splice.parse(self.envelope, data)
         except ProtobufDecodeError as err:

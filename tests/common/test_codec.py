@@ -792,17 +792,35 @@ def test_reassembler_refuses_garbage_and_empty_messages() -> None:
 def test_reassembler_refuses_oversized_and_interleaved_chunks() -> None:
     data = _wire(Message(Mode.REPLACE, (_payload("dense", "float64"),)))
     chunks = frames(ProtoWorkerMessage.FromString(data), 100)
-    inbound = Reassembler(ProtoWorkerMessage, Meter(), 200)
-    with pytest.raises(DecodeError, match="exceeds the limit of 200 bytes"):
-        for c in chunks:
-            inbound.feed(c)
+    with pytest.raises(DecodeError, match=f"of {len(data)} bytes exceeds the limit of 200 bytes"):
+        Reassembler(ProtoWorkerMessage, Meter(), 200).feed(chunks[0])  # refused at its first chunk
     inbound = Reassembler(ProtoWorkerMessage, Meter(), LIMIT)
     assert inbound.feed(chunks[0]) is None
     with pytest.raises(DecodeError, match="middle of a chunked one"):
         inbound.feed(data)
-    nested = ProtoWorkerMessage(chunk=ProtoChunk(data=chunks[0], last=True)).SerializeToString()
+    nested = ProtoWorkerMessage(chunk=ProtoChunk(data=chunks[0], last=True, total_bytes=len(chunks[0])))
     with pytest.raises(DecodeError, match="may not contain another chunk"):
-        Reassembler(ProtoWorkerMessage, Meter(), LIMIT).feed(nested)
+        Reassembler(ProtoWorkerMessage, Meter(), LIMIT).feed(nested.SerializeToString())
+
+
+def test_reassembler_refuses_chunks_that_differ_from_the_size_their_first_announced() -> None:
+    data = _wire(Message(Mode.REPLACE, (_payload("dense", "float64"),)))
+    chunks = frames(ProtoWorkerMessage.FromString(data), 100)
+    assert ProtoWorkerMessage.FromString(chunks[0]).chunk.total_bytes == len(data)
+
+    def chunk(piece: bytes, last: bool, total: int = 0) -> bytes:
+        return ProtoWorkerMessage(chunk=ProtoChunk(data=piece, last=last, total_bytes=total)).SerializeToString()
+
+    short = Reassembler(ProtoWorkerMessage, Meter(), LIMIT)
+    short.feed(chunk(data[:100], False, len(data)))
+    with pytest.raises(DecodeError, match=f"ends at byte 150 of the {len(data)} announced"):
+        short.feed(chunk(data[100:150], True))
+    long = Reassembler(ProtoWorkerMessage, Meter(), LIMIT)
+    long.feed(chunk(data[:100], False, 120))
+    with pytest.raises(DecodeError, match="exceed the 120 bytes their first one announced"):
+        long.feed(chunk(data[100:], True))
+    with pytest.raises(DecodeError, match="exceed the 0 bytes"):
+        Reassembler(ProtoWorkerMessage, Meter(), LIMIT).feed(chunk(data, True))  # no size announced
 
 
 # ----------------------------------------------------------------------------- fuzz

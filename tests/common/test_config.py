@@ -51,17 +51,17 @@ def test_the_message_limit_fits_a_workers_largest_message() -> None:
         message_limit(config.parse({"wire": {"max_message_bytes": 1 << 20}}), 10**6)
 
 
-def test_chunks_are_as_large_as_the_message_limit_allows_unless_set() -> None:
-    """Unset, only a message too large for one gRPC message is chunked, and every chunk's frame
-    (data and its Chunk envelope) still fits the limit the coordinator enforces."""
+def test_chunks_are_4_mib_unless_set_and_every_chunk_frame_fits_the_message_limit() -> None:
+    """Unset, a float32 iterate at d = 1e6 travels whole, larger messages in 4 MiB chunks; every
+    chunk's frame (data and its Chunk envelope) fits the limit the coordinator enforces."""
     from threepc.common.engine import chunk_bytes, message_limit
     from threepc.common.wire import frames
     from threepc.proto.threepc_pb2 import WorkerMessage
 
     unset = config.parse({})
     for d in (1000, 10**7):
-        limit = message_limit(unset, d)
-        assert limit - (1 << 10) <= chunk_bytes(unset, d) < limit
+        assert chunk_bytes(unset, d) == 4 << 20 < message_limit(unset, d)
+    assert chunk_bytes(unset, 10**6) > 4 * 10**6 + 64  # a d = 1e6 float32 iterate and its fields
     small = config.parse({"wire": {"max_message_bytes": 1 << 16}})
     big = WorkerMessage(chunk={"data": bytes(300_000)})  # any message over the limit
     pieces = frames(big, chunk_bytes(small, 1000))

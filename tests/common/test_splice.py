@@ -163,6 +163,28 @@ def test_a_d_vector_crosses_the_wire_as_one_copy_with_the_bytes_protobuf_would_m
     assert meter.received["round"] == sum(len(f) + 5 for f in sent)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1 << 10, 7919, BULK_MIN - 1, BULK_MIN + 3, 2 * BULK_MIN + 17])
+def test_chunks_cut_from_the_pieces_carry_the_bytes_protobuf_would_write(chunk_bytes: int) -> None:
+    """Chunk boundaries anywhere (inside a bulk field, inside the rest, on a seam): the chunks'
+    data joined is the message serialized whole (protobuf reads the reference message from it),
+    and the first chunk announces its size."""
+    stripped, bulk, reference = _update_with_bulk()
+    whole = splice.serialize(stripped, bulk)
+    assert ProtoWorkerMessage.FromString(whole) == reference
+    sent = frames(stripped, chunk_bytes, bulk)
+    chunks = [ProtoWorkerMessage.FromString(f).chunk for f in sent]
+    assert len(sent) == -(-len(whole) // chunk_bytes) > 1
+    assert b"".join(c.data for c in chunks) == whole
+    assert [c.total_bytes for c in chunks] == [len(whole)] + [0] * (len(chunks) - 1)
+    assert [c.last for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    received = None
+    inbound = Reassembler(ProtoWorkerMessage, Meter(), 1 << 24)
+    for frame in sent:
+        received = inbound.feed(frame)
+    assert received is not None
+    assert ProtoWorkerMessage.FromString(splice.serialize(received.message, received.bulk)) == reference
+
+
 def test_a_dense_round_and_diagnostics_travel_cut_out() -> None:
     d = BULK_MIN // 2
     x = RNG.standard_normal(d).astype(np.float32)
