@@ -350,12 +350,15 @@ def fill_round(
     bulk: Bulk | None = None,
 ) -> ProtoRound:
     """Write x^t densely into `proto` (`envelope.round`) in place; returns it. Under the
-    delta downlink a dense round also carries g_sum, so the worker can follow from it."""
+    delta downlink a dense round also carries g_sum, so the worker can follow from it (a flag
+    instead where it is all zeros: round 0's, 8 d bytes to every worker for nothing)."""
     dtype = x.dtype.name
     proto.round = t
     proto.dtype = _DTYPE_TO_PROTO[dtype]
     _put_values(proto, "iterate", x, dtype, "round.iterate", bulk)
-    if aggregate_sum is not None:
+    if aggregate_sum is not None and not aggregate_sum.any():
+        proto.aggregate_zero = True
+    elif aggregate_sum is not None:
         _put_values(proto, "aggregate_sum", aggregate_sum, "float64", "round.aggregate_sum", bulk)
     proto.digest = digest
     return proto
@@ -410,6 +413,10 @@ def aggregate_from_proto(proto: ProtoRound, d: int, bulk: Mapping[str, Buffer] =
     """g_sum from a dense round under the delta downlink; None if the round carries none."""
     path = "round.aggregate_sum"
     data = _get(proto, "aggregate_sum", path, bulk)
+    if proto.aggregate_zero:
+        if memoryview(data).nbytes:
+            raise DecodeError(f"{path}: given with aggregate_zero (an all-zero g_sum is left out)")
+        return np.zeros(d)
     if not memoryview(data).nbytes:
         return None
     values, _ = values_from_bytes(data, ProtoDtype.FLOAT64, d, path)

@@ -116,7 +116,7 @@ class Ready(_message.Message):
     def __init__(self, rows: _Optional[int] = ..., dimension: _Optional[int] = ...) -> None: ...
 
 class Round(_message.Message):
-    __slots__ = ("round", "dtype", "iterate", "delta", "change_count", "change_coding", "change_indices", "change_values", "aggregate_sum", "digest")
+    __slots__ = ("round", "dtype", "iterate", "delta", "change_count", "change_coding", "change_indices", "change_values", "aggregate_sum", "digest", "aggregate_zero")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     ITERATE_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class Round(_message.Message):
     CHANGE_VALUES_FIELD_NUMBER: _ClassVar[int]
     AGGREGATE_SUM_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_ZERO_FIELD_NUMBER: _ClassVar[int]
     round: int
     dtype: Dtype
     iterate: bytes
@@ -137,7 +138,8 @@ class Round(_message.Message):
     change_values: bytes
     aggregate_sum: bytes
     digest: bytes
-    def __init__(self, round: _Optional[int] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., iterate: _Optional[bytes] = ..., delta: _Optional[bool] = ..., change_count: _Optional[int] = ..., change_coding: _Optional[int] = ..., change_indices: _Optional[bytes] = ..., change_values: _Optional[bytes] = ..., aggregate_sum: _Optional[bytes] = ..., digest: _Optional[bytes] = ...) -> None: ...
+    aggregate_zero: bool
+    def __init__(self, round: _Optional[int] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., iterate: _Optional[bytes] = ..., delta: _Optional[bool] = ..., change_count: _Optional[int] = ..., change_coding: _Optional[int] = ..., change_indices: _Optional[bytes] = ..., change_values: _Optional[bytes] = ..., aggregate_sum: _Optional[bytes] = ..., digest: _Optional[bytes] = ..., aggregate_zero: _Optional[bool] = ...) -> None: ...
 
 class Resync(_message.Message):
     __slots__ = ("round",)

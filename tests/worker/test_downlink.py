@@ -19,6 +19,7 @@ def test_a_worker_rebuilds_x_and_asks_for_a_resync_when_the_digest_differs() -> 
     session = _Session(worker_id=0)
     agg = engine.Aggregator(dataclasses.replace(p, downlink="delta"))
     dense = codec.fill_round(ProtoRound(), 0, agg.x, agg.g_sum, engine.digest(agg.x))
+    assert dense.aggregate_zero and not dense.aggregate_sum  # round 0's g_sum: zeros, left out
     assert np.array_equal(_iterate(session, node, dense, {}), agg.x)
     other = engine.WorkerNode(p.resolved, 1, engine.local_problem(p.resolved, engine.load_shard(p.resolved, 1, full), 1))
     for worker in (node, other):
@@ -50,5 +51,7 @@ def test_a_change_of_g_sum_decodes_exactly_and_refuses_what_no_coordinator_sends
         codec.round_change_from_proto(ProtoRound(change_count=51), d)
     with pytest.raises(DecodeError, match="given for a change of all d coordinates"):
         codec.round_change_from_proto(ProtoRound(change_count=d, change_indices=b"\x01", change_values=values.tobytes()), d)
+    with pytest.raises(DecodeError, match="aggregate_sum: given with aggregate_zero"):
+        codec.aggregate_from_proto(ProtoRound(aggregate_zero=True, aggregate_sum=values.tobytes()), d)
     with pytest.raises(DecodeError, match="change_values"):
         codec.round_change_from_proto(ProtoRound(change_count=d, change_values=values[:-1].tobytes()), d)
