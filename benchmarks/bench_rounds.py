@@ -28,11 +28,11 @@ EF21 is `method = "ef21"` with `top_k(k = d/100)`.
     .venv/bin/python -m threepc.benchmarks.bench_rounds --n 8 --d 1e6 --method ef21 --repeats 1
     .venv/bin/python -m threepc.benchmarks.bench_rounds --json                    # the full grid
 
-On a shared 2-core VM the first line takes about a minute; a row of n = 8, d = 1e6 with the
-default 3 repeats about 4 minutes, n = 32 about 11. The full grid (n in 8, 32, 100; d in 1e4,
-1e6; d = 1e7 at n = 8; GD and EF21) takes about an hour there, most of it the n = 100 and
-d = 1e7 rows; n = 100 at d = 1e6 needs about 20 GB of memory (worker processes of ~195 MB
-each, 75 MB of it the interpreter and libraries), more than such a VM has to spare.
+On a shared 2-core VM the first line takes under a minute. The full grid (n in 8, 32, 100; d
+in 1e4, 1e6; d = 1e7 at n = 8; GD and EF21, both downlinks) took 32 minutes there: with the
+default 3 repeats 12 minutes for n in 8, 32 at d in 1e4, 1e6, 5 for d = 1e7 and 10 for n = 100 at
+d = 1e4, and 5.5 for n = 100 at d = 1e6 at `--repeats 1` (100 worker processes of 190-250 MB RSS
+each, the shared libraries counted in every one; the VM has 24 GB).
 Worker processes keep freed memory in their heap (threepc.common.memory, mallopt at start);
 `--allocator both` also runs each row with glibc left as it is (THREEPC_ALLOCATOR=glibc in every
 process's environment), to show what that setting is worth. Linux only (/proc). Prints
