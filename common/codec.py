@@ -356,10 +356,11 @@ def fill_round(
     proto.round = t
     proto.dtype = _DTYPE_TO_PROTO[dtype]
     _put_values(proto, "iterate", x, dtype, "round.iterate", bulk)
-    if aggregate_sum is not None and not aggregate_sum.any():
-        proto.aggregate_zero = True
-    elif aggregate_sum is not None:
-        _put_values(proto, "aggregate_sum", aggregate_sum, "float64", "round.aggregate_sum", bulk)
+    if aggregate_sum is not None:
+        if aggregate_sum.any():
+            _put_values(proto, "aggregate_sum", aggregate_sum, "float64", "round.aggregate_sum", bulk)
+        else:
+            proto.aggregate_zero = True
     proto.digest = digest
     return proto
 

@@ -109,7 +109,8 @@ def _splice(data: memoryview, start: int, end: int, descriptor: Descriptor, tree
             if field.type != FieldDescriptor.TYPE_BYTES:
                 raise ValueError(f"{descriptor.full_name}.{name} is not a bytes field")
             pieces += [_varint(field.number << 3 | _LENGTH_DELIMITED), _varint(sum(v.nbytes for v in value)), *value]
-    return [memoryview(p) for p in pieces], sum(memoryview(p).nbytes for p in pieces)
+    views = [memoryview(p) for p in pieces]
+    return views, sum(v.nbytes for v in views)
 
 
 # ----------------------------------------------------------------------------- receive
