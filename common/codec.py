@@ -453,27 +453,35 @@ def diagnostics_from_proto(
     return _finite(proto.loss, "diagnostics.loss"), np.asarray(grad, np.float64)  # no copy of float64
 
 
-def restore_to_proto(t: int, mirror: np.ndarray | None, x_prev: np.ndarray | None) -> ProtoRestore:
-    """Restore for round t: the mirror g_i^t and x^{t-1}, or `has_state = false` if there is none."""
-    if mirror is None or x_prev is None:
-        return ProtoRestore(round=t, has_state=False)
-    x_dtype = x_prev.dtype.name
-    return ProtoRestore(
-        round=t,
-        has_state=True,
-        mirror_dtype=ProtoDtype.FLOAT64,
-        mirror=values_to_bytes(mirror, "float64"),
-        x_prev_dtype=ProtoDtype.Value(x_dtype.upper()),
-        x_prev=values_to_bytes(x_prev, x_dtype),
-    )
+def fill_restore(
+    proto: ProtoRestore,
+    t: int,
+    mirror: np.ndarray | None,
+    x_prev: np.ndarray | None,
+    path: str = "restore",
+    bulk: Bulk | None = None,
+) -> ProtoRestore:
+    """Write the Restore for round t into `proto`, at `path` in its envelope ("restore", or
+    "welcome.restore"): the mirror g_i^t and x^{t-1}, each at its own dtype (exact), or
+    `has_state = false` if there is none. Returns it."""
+    proto.round = t
+    proto.has_state = mirror is not None and x_prev is not None
+    if mirror is not None and x_prev is not None:
+        proto.mirror_dtype = _DTYPE_TO_PROTO[mirror.dtype.name]
+        _put_values(proto, "mirror", mirror, mirror.dtype.name, f"{path}.mirror", bulk)
+        proto.x_prev_dtype = _DTYPE_TO_PROTO[x_prev.dtype.name]
+        _put_values(proto, "x_prev", x_prev, x_prev.dtype.name, f"{path}.x_prev", bulk)
+    return proto
 
 
-def restore_from_proto(proto: ProtoRestore, d: int) -> tuple[np.ndarray, np.ndarray] | None:
+def restore_from_proto(
+    proto: ProtoRestore, d: int, path: str = "restore", bulk: Mapping[str, Buffer] = NO_BULK
+) -> tuple[np.ndarray, np.ndarray] | None:
     """(h, x_prev) for WorkerNode.restore, or None for a fresh start; DecodeError if malformed."""
     if not proto.has_state:
         return None
     if not proto.round:
         raise DecodeError("restore.round: 0 with state, expected a round >= 1 (round 0 has no x^{-1})")
-    h, _ = values_from_bytes(proto.mirror, proto.mirror_dtype, d, "restore.mirror")
-    x_prev, _ = values_from_bytes(proto.x_prev, proto.x_prev_dtype, d, "restore.x_prev")
-    return h.astype(np.float64), x_prev
+    h, _ = values_from_bytes(_get(proto, "mirror", f"{path}.mirror", bulk), proto.mirror_dtype, d, "restore.mirror")
+    x_prev, _ = values_from_bytes(_get(proto, "x_prev", f"{path}.x_prev", bulk), proto.x_prev_dtype, d, "restore.x_prev")
+    return h, x_prev

@@ -11,7 +11,7 @@ rename, fsync the folder) with `np.savez` and read with `allow_pickle=False`:
 The metrics rows of rounds < t are already in metrics.jsonl; a resumed run keeps those and
 drops any written after the checkpoint (`resume_rows`).
 
-`restore_to_proto` / `restore_from_proto` carry one worker's state (its mirror and x^{t-1}) to a
+`codec.fill_restore` / `codec.restore_from_proto` carry one worker's state (its mirror and x^{t-1}) to a
 rejoining worker, which rebuilds its mechanism state with `WorkerNode.restore`.
 """
 

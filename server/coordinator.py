@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from threepc.common import codec
@@ -65,7 +66,6 @@ from threepc.common.wire import (
 )
 from threepc.proto.threepc_pb2 import CoordinatorMessage as ProtoCoordinatorMessage
 from threepc.proto.threepc_pb2 import Done as ProtoDone
-from threepc.proto.threepc_pb2 import Welcome as ProtoWelcome
 from threepc.proto.threepc_pb2 import WorkerMessage as ProtoWorkerMessage
 from threepc.server import checkpoint as checkpoint_mod
 from threepc.server.status import aborting_on_error
@@ -243,17 +243,18 @@ class Coordinator:
         holder.append(link)
         try:
             t0 = self.agg.t
-            welcome = ProtoWelcome(
-                worker_id=link.worker_id,
-                n_workers=self.config.workers,
-                config_json=self._config_json,
-                start_round=t0,
-            )
-            restore = self._restore_for(link.worker_id, t0)
-            if restore.has_state:
-                welcome.restore.CopyFrom(restore)
+            message, bulk = ProtoCoordinatorMessage(), Bulk()
+            welcome = message.welcome
+            welcome.worker_id = link.worker_id
+            welcome.n_workers = self.config.workers
+            welcome.config_json = self._config_json
+            welcome.start_round = t0
+            state = self._mirror_of(link.worker_id)
+            if state is not None:
+                codec.fill_restore(welcome.restore, t0, *state, "welcome.restore", bulk)
             link.synced_round = t0
-            await self._send(context, link, ProtoCoordinatorMessage(welcome=welcome))
+            await self._send(context, link, message, bulk)
+            del message, bulk, welcome, state
             ready = (await self._expect(context, inbound, "ready")).ready
             if ready.dimension != self.plan.dim:
                 raise MismatchError(
@@ -336,16 +337,18 @@ class Coordinator:
         self.links[worker_id] = link
         return link
 
-    async def _send(self, context: grpc.aio.ServicerContext, link: WorkerLink, message: ProtoCoordinatorMessage) -> None:
-        for data in frames(message, self.plan.chunk_bytes):
+    async def _send(
+        self, context: grpc.aio.ServicerContext, link: WorkerLink, message: ProtoCoordinatorMessage, bulk: Bulk | None = None
+    ) -> None:
+        for data in frames(message, self.plan.chunk_bytes, bulk):
             link.meter.count_sent(category_of(message), len(data))
             await context.write(data)
 
-    def _restore_for(self, worker_id: int, t: int) -> Any:
-        """The Restore that rebuilds worker_id's state for round t from its mirror (or afresh)."""
+    def _mirror_of(self, worker_id: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """What rebuilds worker_id's state (its mirror g_i and x^{t-1}), or None: start afresh."""
         if self.agg.meters[worker_id].messages == 0 or self.agg.x_prev is None:
-            return codec.restore_to_proto(t, None, None)  # the mirror holds nothing of it
-        return codec.restore_to_proto(t, self.agg.mirrors[worker_id], self.agg.x_prev)
+            return None  # the mirror holds nothing of it
+        return self.agg.mirrors[worker_id], self.agg.x_prev
 
     def _gone(self, link: WorkerLink, error: ThreePCError) -> None:
         """The worker's stream is over: end it with `error`, and tell the round loop."""
@@ -627,8 +630,9 @@ class Coordinator:
     def _send_round(self, link: WorkerLink, t: int) -> None:
         """Round t to one worker, after a Restore if its state may differ from the mirror's."""
         if link.synced_round != t:
-            restore = ProtoCoordinatorMessage(restore=self._restore_for(link.worker_id, t))
-            for frame in frames(restore, self.plan.chunk_bytes):
+            restore, bulk = ProtoCoordinatorMessage(), Bulk()
+            codec.fill_restore(restore.restore, t, *(self._mirror_of(link.worker_id) or (None, None)), "restore", bulk)
+            for frame in frames(restore, self.plan.chunk_bytes, bulk):
                 link.outbox.put_nowait((category_of(restore), frame))
             link.synced_round = t
         assert self._round_frames is not None

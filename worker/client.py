@@ -202,9 +202,9 @@ def _translate(code: grpc.StatusCode, details: str | None, address: str) -> Thre
     return cls(f"coordinator refused: {details or code.name}")
 
 
-def _restore(node: WorkerNode, proto: ProtoRestore) -> None:
+def _restore(node: WorkerNode, proto: ProtoRestore, path: str, bulk: Bulk) -> None:
     """Rebuild the node's mechanism state from the coordinator's mirror (or start afresh)."""
-    restored = codec.restore_from_proto(proto, node.problem.dim)
+    restored = codec.restore_from_proto(proto, node.problem.dim, path, bulk)
     if restored is None:
         node.state = None
     else:
@@ -262,7 +262,7 @@ async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, sessio
     session.streams += 1
     join = ProtoJoin(requested_id=session.worker_id, token=options.token, version=VERSION)
     await send(ProtoWorkerMessage(join=join), 1 << 20)
-    first, _ = await receive()  # a Welcome's restore is read from the protobuf: rare, never spliced
+    first, bulk = await receive()
     if first.WhichOneof("kind") != "welcome":
         raise ProtocolError(f"expected welcome, got {first.WhichOneof('kind')}")
     welcome = first.welcome
@@ -275,10 +275,11 @@ async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, sessio
     session.worker_id = worker_id = welcome.worker_id
     problem = node.problem
     if welcome.HasField("restore"):
-        _restore(node, welcome.restore)
+        _restore(node, welcome.restore, "welcome.restore", bulk)
         session.restores += 1
     else:
         node.state = None  # the mirror holds nothing of this worker: its first round starts afresh
+    del bulk  # views of the Welcome's frames (the restored d-vectors): not held through the rounds
     chunk = chunk_bytes(node.config, problem.dim)
     await send(ProtoWorkerMessage(ready=ProtoReady(rows=problem.rows, dimension=problem.dim)), chunk)
     log.info("worker %d: %d rows, d = %d, from round %d", worker_id, problem.rows, problem.dim, welcome.start_round)
@@ -289,7 +290,7 @@ async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, sessio
         if kind == "done":
             break
         if kind == "restore":
-            _restore(node, message.restore)
+            _restore(node, message.restore, "restore", bulk)
             session.restores += 1
             continue
         if kind != "round":

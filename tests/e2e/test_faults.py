@@ -306,11 +306,13 @@ def test_marina_with_a_worker_gone_follows_the_absent_policy(policy: str) -> Non
 # ---------------------------------------------------------------------- dead workers (processes)
 
 
-def test_a_worker_killed_mid_run_is_absent_then_rejoins_with_its_state(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dim", [10, 10_000], ids=["small", "state-cut-out-of-its-frames"])
+def test_a_worker_killed_mid_run_is_absent_then_rejoins_with_its_state(tmp_path: Path, dim: int) -> None:
+    """At dim = 10_000 the Welcome's mirror and x^{t-1} (80 KB each) travel beside the protobuf."""
     config = write_config(
         tmp_path / "c.toml",
         f'workers = 3\nrounds = 40\nseed = 11\nmethod = {{ name = "clag", zeta = 1.0 }}\n'
-        f'round_timeout_s = 10\ncompressor = {{ name = "top_k", k = 2 }}\n{SYNTHETIC}',
+        f'round_timeout_s = 10\ncompressor = {{ name = "top_k", k = 2 }}\n{SYNTHETIC.replace("dim = 10", f"dim = {dim}")}',
     )
     out, port = tmp_path / "out", free_port()
     server = spawn("serve", str(config), "--listen", f"127.0.0.1:{port}", "--out", str(out), "-q",

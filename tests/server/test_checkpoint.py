@@ -12,6 +12,10 @@ from threepc.common import codec
 from threepc.common import config as config_mod
 from threepc.common.engine import Aggregator, WorkerNode, load_data, load_shard, local_problem, plan
 from threepc.common.errors import ConfigError, DecodeError
+from threepc.common.splice import BULK_MIN, Bulk
+from threepc.common.wire import Meter, Reassembler, frames
+from threepc.proto.threepc_pb2 import CoordinatorMessage as ProtoCoordinatorMessage
+from threepc.proto.threepc_pb2 import Restore as ProtoRestore
 from threepc.server import checkpoint
 from threepc.server.coordinator import Coordinator
 
@@ -75,9 +79,10 @@ def test_resume_rows_keeps_the_rounds_before_the_checkpoint(tmp_path: Path) -> N
 def test_a_restore_over_the_wire_rebuilds_the_worker_exactly() -> None:
     """LAG's state (h, y) from the mirror and x^{t-1}, through the proto: the next message is equal."""
     _, nodes, agg = _run(5)
-    proto = codec.restore_to_proto(agg.t, agg.mirrors[1], agg.x_prev)
+    proto = codec.fill_restore(ProtoRestore(), agg.t, agg.mirrors[1], agg.x_prev)
     wire = type(proto).FromString(proto.SerializeToString())
     h, x_prev = codec.restore_from_proto(wire, agg.d)
+    assert h.dtype == agg.mirrors.dtype and np.array_equal(h, agg.mirrors[1])  # at the mirror's own dtype
     original = nodes[1]
     rebuilt = WorkerNode(original.config, 1, original.problem)
     rebuilt.restore(h, x_prev)
@@ -88,8 +93,8 @@ def test_a_restore_over_the_wire_rebuilds_the_worker_exactly() -> None:
 
 
 def test_a_restore_without_state_or_with_bad_fields() -> None:
-    assert codec.restore_from_proto(codec.restore_to_proto(3, None, None), 8) is None
-    good = codec.restore_to_proto(3, np.ones(8), np.ones(8))
+    assert codec.restore_from_proto(codec.fill_restore(ProtoRestore(), 3, None, None), 8) is None
+    good = codec.fill_restore(ProtoRestore(), 3, np.ones(8), np.ones(8))
     short = type(good)()
     short.CopyFrom(good)
     short.mirror = short.mirror[:-8]
@@ -100,3 +105,25 @@ def test_a_restore_without_state_or_with_bad_fields() -> None:
     zero.round = 0
     with pytest.raises(DecodeError, match="restore.round"):
         codec.restore_from_proto(zero, 8)
+
+
+@pytest.mark.parametrize("path", ["restore", "welcome.restore"])
+def test_a_large_restore_travels_spliced_and_chunked_as_its_own_dtypes(path: str) -> None:
+    """Mirror and x^{t-1} large enough to be cut out of their frames, in a Restore or in a
+    Welcome, through chunks: equal values back, each at its own dtype, nothing copied by protobuf."""
+    d = BULK_MIN
+    rng = np.random.default_rng(3)
+    mirror, x_prev = rng.standard_normal(d).astype(np.float32), rng.standard_normal(d)
+    envelope, bulk = ProtoCoordinatorMessage(), Bulk()
+    proto = envelope.restore if path == "restore" else envelope.welcome.restore
+    codec.fill_restore(proto, 4, mirror, x_prev, path, bulk)
+    assert sorted(bulk) == [f"{path}.mirror", f"{path}.x_prev"]
+    inbound = Reassembler(ProtoCoordinatorMessage, Meter(), 1 << 24)
+    sent = frames(envelope, BULK_MIN, bulk)
+    assert len(sent) > 1
+    received = [inbound.feed(frame) for frame in sent][-1]
+    assert received is not None and sorted(received.bulk) == sorted(bulk)
+    message = received.message.restore if path == "restore" else received.message.welcome.restore
+    h, x = codec.restore_from_proto(message, d, path, received.bulk)
+    assert h.dtype == np.float32 and x.dtype == np.float64
+    assert np.array_equal(h, mirror) and np.array_equal(x, x_prev)
