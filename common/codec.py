@@ -456,17 +456,17 @@ def diagnostics_from_proto(
 def fill_restore(
     proto: ProtoRestore,
     t: int,
-    mirror: np.ndarray | None,
-    x_prev: np.ndarray | None,
+    state: tuple[np.ndarray, np.ndarray] | None,
     path: str = "restore",
     bulk: Bulk | None = None,
 ) -> ProtoRestore:
     """Write the Restore for round t into `proto`, at `path` in its envelope ("restore", or
-    "welcome.restore"): the mirror g_i^t and x^{t-1}, each at its own dtype (exact), or
-    `has_state = false` if there is none. Returns it."""
+    "welcome.restore"): `state`, the mirror g_i^t and x^{t-1}, each at its own dtype (exact),
+    or `has_state = false` if there is none. Returns it; `restore_from_proto` reads it back."""
     proto.round = t
-    proto.has_state = mirror is not None and x_prev is not None
-    if mirror is not None and x_prev is not None:
+    proto.has_state = state is not None
+    if state is not None:
+        mirror, x_prev = state
         proto.mirror_dtype = _DTYPE_TO_PROTO[mirror.dtype.name]
         _put_values(proto, "mirror", mirror, mirror.dtype.name, f"{path}.mirror", bulk)
         proto.x_prev_dtype = _DTYPE_TO_PROTO[x_prev.dtype.name]

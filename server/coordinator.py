@@ -251,7 +251,7 @@ class Coordinator:
             welcome.start_round = t0
             state = self._mirror_of(link.worker_id)
             if state is not None:
-                codec.fill_restore(welcome.restore, t0, *state, "welcome.restore", bulk)
+                codec.fill_restore(welcome.restore, t0, state, "welcome.restore", bulk)
             link.synced_round = t0
             await self._send(context, link, message, bulk)
             del message, bulk, welcome, state
@@ -631,7 +631,7 @@ class Coordinator:
         """Round t to one worker, after a Restore if its state may differ from the mirror's."""
         if link.synced_round != t:
             restore, bulk = ProtoCoordinatorMessage(), Bulk()
-            codec.fill_restore(restore.restore, t, *(self._mirror_of(link.worker_id) or (None, None)), "restore", bulk)
+            codec.fill_restore(restore.restore, t, self._mirror_of(link.worker_id), "restore", bulk)
             for frame in frames(restore, self.plan.chunk_bytes, bulk):
                 link.outbox.put_nowait((category_of(restore), frame))
             link.synced_round = t

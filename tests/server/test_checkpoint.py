@@ -79,7 +79,7 @@ def test_resume_rows_keeps_the_rounds_before_the_checkpoint(tmp_path: Path) -> N
 def test_a_restore_over_the_wire_rebuilds_the_worker_exactly() -> None:
     """LAG's state (h, y) from the mirror and x^{t-1}, through the proto: the next message is equal."""
     _, nodes, agg = _run(5)
-    proto = codec.fill_restore(ProtoRestore(), agg.t, agg.mirrors[1], agg.x_prev)
+    proto = codec.fill_restore(ProtoRestore(), agg.t, (agg.mirrors[1], agg.x_prev))
     wire = type(proto).FromString(proto.SerializeToString())
     h, x_prev = codec.restore_from_proto(wire, agg.d)
     assert h.dtype == agg.mirrors.dtype and np.array_equal(h, agg.mirrors[1])  # at the mirror's own dtype
@@ -93,8 +93,8 @@ def test_a_restore_over_the_wire_rebuilds_the_worker_exactly() -> None:
 
 
 def test_a_restore_without_state_or_with_bad_fields() -> None:
-    assert codec.restore_from_proto(codec.fill_restore(ProtoRestore(), 3, None, None), 8) is None
-    good = codec.fill_restore(ProtoRestore(), 3, np.ones(8), np.ones(8))
+    assert codec.restore_from_proto(codec.fill_restore(ProtoRestore(), 3, None), 8) is None
+    good = codec.fill_restore(ProtoRestore(), 3, (np.ones(8), np.ones(8)))
     short = type(good)()
     short.CopyFrom(good)
     short.mirror = short.mirror[:-8]
@@ -116,7 +116,7 @@ def test_a_large_restore_travels_spliced_and_chunked_as_its_own_dtypes(path: str
     mirror, x_prev = rng.standard_normal(d).astype(np.float32), rng.standard_normal(d)
     envelope, bulk = ProtoCoordinatorMessage(), Bulk()
     proto = envelope.restore if path == "restore" else envelope.welcome.restore
-    codec.fill_restore(proto, 4, mirror, x_prev, path, bulk)
+    codec.fill_restore(proto, 4, (mirror, x_prev), path, bulk)
     assert sorted(bulk) == [f"{path}.mirror", f"{path}.x_prev"]
     inbound = Reassembler(ProtoCoordinatorMessage, Meter(), 1 << 24)
     sent = frames(envelope, BULK_MIN, bulk)
