@@ -157,14 +157,15 @@ class Watch:
 
 
 def write_data(path: Path, rows: int, d: int, seed: int = 0) -> None:
-    """A LibSVM file of `rows` rows, each with d/100 ones at random coordinates, labels +-1."""
+    """A LibSVM file of `rows` rows, each with d/100 ones at random coordinates, labels +1, -1
+    in turn (both occur whenever rows >= 2: the loader refuses a single label)."""
     rng = np.random.default_rng([seed, rows, d])
     per_row = max(1, d // 100)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
         for r in range(rows):
             cols = np.sort(rng.choice(d, size=per_row, replace=False)) + 1  # LibSVM is 1-based
-            label = "+1" if rng.random() < 0.5 else "-1"
+            label = "+1" if r % 2 == 0 else "-1"
             f.write(label + " " + ":1 ".join(map(str, cols.tolist())) + ":1\n")
     os.replace(tmp, path)
 

@@ -96,7 +96,7 @@ async def _serve(
     ]
     try:
         await hub.all_joined.wait()
-        blob = os.urandom(down) if down < (1 << 20) else bytes(down)
+        blob = os.urandom(down)
         ends = []
         for _ in range(rounds):
             for outbox in hub.outboxes:
@@ -123,7 +123,7 @@ async def _work(target: str, up: int, max_bytes: int, warmup: int) -> float:
 
     Returns its CPU seconds from the end of round `warmup - 1` on (the server's timed span).
     """
-    reply = os.urandom(up) if up < (1 << 20) else bytes(up)
+    reply = os.urandom(up)
     cpu_start, blobs = time.process_time(), 0
     async with grpc.aio.insecure_channel(target, options=_options(max_bytes)) as channel:
         call = channel.stream_stream(METHOD)()

@@ -119,13 +119,27 @@ def top_k_indices(x: np.ndarray, k: int) -> np.ndarray:
         return idx.astype(np.int64, copy=False)
     support = np.flatnonzero(is_nonzero) if nonzero < x.size // 2 else None
     mag = np.abs(x if support is None else x[support])
-    m = mag.size
-    cut = np.partition(mag, m - k)[m - k]
+    cut = _kth_largest(mag, k)
     above = np.flatnonzero(mag > cut)
     at = np.flatnonzero(mag == cut)[: k - above.size]
     idx = np.concatenate([above, at])
     idx.sort()
     return (idx if support is None else support[idx]).astype(np.int64, copy=False)
+
+
+def _kth_largest(mag: np.ndarray, k: int) -> np.floating:
+    """The k-th largest entry of `mag` (1 <= k <= mag.size).
+
+    numpy's introselect degrades when the k-th entry lies in a long run of equal values: binary
+    features over a few rows give gradients of a handful of distinct magnitudes, and there a
+    partition at m = 1e6 took 76 ms against 6 ms for a full sort (1.1 against 0.13 ms at
+    m = 2e4). So where an evenly spaced probe of 64 entries repeats itself, the array is sorted.
+    """
+    m = mag.size
+    probe = mag[:: max(1, m // 64)]
+    if 2 * np.unique(probe).size <= probe.size:
+        return np.sort(mag)[m - k]
+    return np.partition(mag, m - k)[m - k]
 
 
 def top_k(k: int = 1, dtype: str = "float32") -> Compressor:

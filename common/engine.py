@@ -279,6 +279,13 @@ class Aggregator:
         self.change: tuple[np.ndarray | None, np.ndarray] | None = None
         self.mirrors = np.zeros((self.n, self.d), self.state_dtype)  # g_i at the state dtype, as workers keep h
         self.g_sum = np.zeros(self.d)
+        # GD: every message replaces a whole mirror, so its row is overwritten as it comes and
+        # g_sum is summed from the rows once, when the round closes: n passes over d state
+        # values instead of n updates of g_sum (at n = 8, d = 1e6: 5 ms a round, against 13 ms
+        # of updates that all had to wait for worker 0's turn). Any round with such a message
+        # ends with that sum, so messages of other kinds may be mixed in.
+        self.sums_mirrors = mechanism.whole
+        self._resum = False
         self._scratch = np.empty(min(self.d, BLOCK))  # a block of new - old of a dense message
         self.t = 0
         self.meters = [WorkerMeter() for _ in range(self.n)]
@@ -314,7 +321,11 @@ class Aggregator:
         if message.mode is Mode.REPLACE and isinstance(part, DenseVector):
             # GD's case: message.apply is the values rounded into the state dtype, which
             # _replace_dense does block by block (no d-sized temporary whatever the dtypes).
-            self._replace_dense(old, part.values)
+            if self.sums_mirrors:
+                np.copyto(old, part.values, casting="same_kind")  # rounded as astype rounds
+                self._resum = True
+            else:
+                self._replace_dense(old, part.values)
             self._touched = None
             return
         self._replace_dense(old, message.apply(old))  # the mirrors array is this object's own
@@ -335,6 +346,12 @@ class Aggregator:
             np.subtract(rounded, mirror[block], out=difference, dtype=np.float64)
             self.g_sum[block] += difference
             mirror[block] = rounded
+
+    def _sum_mirrors(self) -> None:
+        """g_sum <- the sum of the mirrors in float64, in worker-id order, block by block."""
+        for block in blocks(self.d):
+            np.sum(self.mirrors[:, block], axis=0, dtype=np.float64, out=self.g_sum[block])
+        self._resum = False
 
     def add_diagnostics(self, loss: float, grad: np.ndarray) -> None:
         """A worker's f_i(x^t) and grad f_i(x^t), for the round's figures (never in the bits).
@@ -371,6 +388,8 @@ class Aggregator:
         row["skips"] = self.skips_round
         row["absent"] = len(absent)
         self.x_prev = self.x
+        if self._resum:
+            self._sum_mirrors()
         if absent and self.needs_all and self.absent_policy == "drop":
             present = [i for i in range(self.n) if i not in set(absent)]
             total = self.mirrors[present].sum(axis=0, dtype=np.float64)
@@ -417,6 +436,7 @@ class Aggregator:
         self.x = state["x"].astype(self.state_dtype)
         self.mirrors = state["mirrors"].astype(self.state_dtype)
         self.g_sum = state["g_sum"].astype(np.float64)
+        self._resum = False
         self.t = int(state["t"])
         self.x_prev = state["x_prev"].astype(self.state_dtype) if "x_prev" in state else None
         for meter, row in zip(self.meters, state["meters"]):

@@ -15,7 +15,8 @@ a 3PC in a trigger.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -54,6 +55,7 @@ class Mechanism(NamedTuple):
     restores_exactly: bool = True  # the state is (h, y), rebuilt from the mirror and x^{t-1}
     reads_y: bool = True  # False: y is never read, so not kept (a d-vector of float64 less: GD, EF21)
     reset: Callable[[int], Any] | None = None  # a fresh state of dimension d, where not exact
+    whole: bool = False  # every message is g_i itself, dense (GD): the coordinator sums the mirrors once a round
 
 
 def dense_message(x: np.ndarray, dtype: str) -> Message:
@@ -71,11 +73,13 @@ def three_point(
     skips: bool = False,
     state_dtype: str = "float64",
     reads_y: bool = True,
+    whole: bool = False,
 ) -> Mechanism:
     """A mechanism from a 3PC function: g_i^0 = grad f_i(x^0) (init "full") or C(grad) ("compressed").
 
     `state_dtype`: the dtype of h (and of the coordinator's mirror of it), the run's iterate dtype;
-    message.apply keeps h in it. `reads_y`: False where `c3pc` never reads y (it gets None)."""
+    message.apply keeps h in it. `reads_y`: False where `c3pc` never reads y (it gets None).
+    `whole`: every message is dense g_i (`c3pc` and the first round both send the gradient)."""
 
     def first(grad: np.ndarray, r: Randomness) -> tuple[Message, WorkerState]:
         if init == "compressed" and initial is not None:
@@ -88,7 +92,7 @@ def three_point(
         message = c3pc(state.h, state.y, grad, r)  # type: ignore[arg-type]  # None only where never read
         return message, WorkerState(message.apply(state.h), grad if reads_y else None)
 
-    return Mechanism(name, first, step, constants, skips, reads_y=reads_y)
+    return Mechanism(name, first, step, constants, skips, reads_y=reads_y, whole=whole)
 
 
 # ----------------------------------------------------------------------------- 3PC functions

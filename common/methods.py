@@ -52,6 +52,7 @@ class ThreePoint(NamedTuple):
     constants: m.Constants  # (A, B) at the run's dimension
     skips: bool  # whether its messages can be lazy skips
     reads_y: bool  # whether it reads y = grad f_i(x^t) (else the worker does not keep it)
+    whole: bool = False  # whether every message is g_i itself, dense (GD)
 
 
 def _build_3pc(name: str, params: dict[str, Any], c: Compressor, dtype: str, d: int) -> ThreePoint:
@@ -63,7 +64,7 @@ def _build_3pc(name: str, params: dict[str, Any], c: Compressor, dtype: str, d: 
 
     result: ThreePoint
     if name == "gd":
-        result = ThreePoint(m.gd_3pc(dtype), m.Constants(1.0, 0.0), False, False)
+        result = ThreePoint(m.gd_3pc(dtype), m.Constants(1.0, 0.0), False, False, whole=True)
     elif name in ("ef21", "ef21_plus"):
         fn = m.ef21_3pc(c) if name == "ef21" else m.ef21_plus_3pc(c)
         result = ThreePoint(fn, m._ef21_constants(m._alpha(c, d)), False, False)
@@ -197,7 +198,7 @@ def build_method(config: RunConfig, d: int) -> m.Mechanism:
     built = _build_3pc(name, config.method.params, c, dtype, d)
     return m.three_point(
         name, built.fn, lambda _d: built.constants, dtype, init=config.init, initial=c, skips=built.skips,
-        state_dtype=state, reads_y=built.reads_y,
+        state_dtype=state, reads_y=built.reads_y, whole=built.whole and config.init == "full",
     )
 
 

@@ -99,8 +99,8 @@ class _LinearModel:
 
     def grad(self, x: np.ndarray) -> np.ndarray:
         _, slopes = self._phi(self.features @ x, self.labels)
-        grad = np.asarray(self.features.T @ slopes, dtype=np.float64)
-        grad /= self.rows  # in place: at d = 1e6 every d-sized temporary costs milliseconds
+        # 1/m on the m slopes, not on the d-vector: at d = 1e6 each pass over it costs ~0.35 ms.
+        grad = np.asarray(self.features.T @ (slopes / self.rows), dtype=np.float64)
         reg = self._reg(x)[1]
         if not isinstance(reg, float):
             grad += reg

@@ -454,18 +454,36 @@ def test_bernoulli_constants_and_flag() -> None:
     st.integers(1, 300),
     st.integers(1, 320),
     st.sampled_from([0.0, 0.5, 0.9, 0.99]),
+    st.sampled_from([None, 1, 2, 3]),
     st.integers(0, 2**32 - 1),
 )
-def test_top_k_picks_the_definitions_coordinates(d: int, k: int, zeros: float, seed: int) -> None:
+def test_top_k_picks_the_definitions_coordinates(d: int, k: int, zeros: float, levels: int | None, seed: int) -> None:
     """TopK = the first k of a stable sort on -|x| (ties: lowest index), also on vectors that
-    are mostly zeros or full of ties, where the fast path partitions the nonzeros only."""
+    are mostly zeros or full of ties, where the fast path partitions the nonzeros only, and on
+    vectors of a few distinct magnitudes (`levels`), where the k-th largest comes from a sort."""
     from threepc.common.compressors import top_k_indices
 
     rng = np.random.default_rng(seed)
-    x = np.round(rng.normal(size=d), 1) * (rng.random(d) >= zeros)  # ties and zeros
+    values = np.round(rng.normal(size=d), 1) if levels is None else rng.integers(-levels, levels + 1, d) * 0.5
+    x = values * (rng.random(d) >= zeros)  # ties and zeros
     k = min(k, d)
     expected = np.sort(np.argsort(-np.abs(x), kind="stable")[:k])
     assert np.array_equal(top_k_indices(x, k), expected)
+
+
+def test_top_k_on_a_few_distinct_magnitudes_matches_the_partition() -> None:
+    """The sorted path (a probe that repeats itself) and the partition pick the same k-th value:
+    the shape that slowed numpy's introselect 12x, the k-th entry inside a long run of equals."""
+    from threepc.common.compressors import _kth_largest, top_k_indices
+
+    rng = np.random.default_rng(7)
+    m = 20_000
+    mag = rng.permutation(np.repeat([16.2, 93.0, 109.3], [9_903, 97, m - 10_000]))
+    for k in (1, 97, 5_000, 10_000, 12_345, m):
+        assert _kth_largest(mag, k) == np.partition(mag, m - k)[m - k]
+    x = mag * rng.choice([-1.0, 1.0], m)
+    expected = np.sort(np.argsort(-np.abs(x), kind="stable")[:10_000])
+    assert np.array_equal(top_k_indices(x, 10_000), expected)
 
 
 # ----------------------------------------------------------------------------- bits and the wire

@@ -1,6 +1,7 @@
 """The in-process reference engine: convergence, exact bit accounting, state never mutated."""
 
 import dataclasses
+
 import numpy as np
 import pytest
 
@@ -79,6 +80,34 @@ def test_worker_state_equals_the_coordinator_mirror_bit_for_bit(overrides: dict,
         assert node.state is not None and node.state.h.dtype == np.dtype(state_dtype)
         assert np.array_equal(node.state.h, agg.mirrors[0])
         x = x - 0.01 * agg.mirrors[0].astype(x.dtype)  # a moving iterate, so that every case is met
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["summed", "incremental"])
+def test_g_sum_is_the_sum_of_the_mirrors_when_gd_rows_are_overwritten(whole: bool) -> None:
+    """GD's messages overwrite whole mirrors and g_sum is summed from them when the round closes
+    (`Mechanism.whole`); a worker absent from a round keeps its row in the sum, and a message of
+    another kind applied in such a round is in it too. The incremental path (kept for any other
+    method) gives the same g_sum up to rounding."""
+    from threepc.common.payloads import DenseVector, Message
+
+    cfg = small(rounds=4, workers=3, method="gd", compressor="identity", wire={"iterate_dtype": "float32"})
+    agg = engine.Aggregator(engine.plan(cfg))
+    assert agg.sums_mirrors
+    agg.sums_mirrors = whole
+    rng = np.random.default_rng(3)
+    d = agg.d
+    for t, present in enumerate([(0, 1, 2), (0, 2), (1,), (0, 1, 2)]):
+        for i in present:
+            agg.apply(i, Message(Mode.REPLACE, (DenseVector(rng.normal(size=d).astype(np.float32), "float32"),)))
+        if t == 2:  # a sparse change of worker 2's mirror in a round its row is summed again
+            agg.apply(2, Message(Mode.DELTA, (SparseVector(d, np.array([0, 5]), np.array([1.5, -2.0]), "float64"),)))
+        agg.finish_round([i for i in range(3) if i not in present and not (t == 2 and i == 2)])
+        expected = agg.mirrors.sum(axis=0, dtype=np.float64)
+        if whole:
+            assert np.array_equal(agg.g_sum, expected)
+        else:
+            np.testing.assert_allclose(agg.g_sum, expected, rtol=1e-12, atol=1e-12)
+    assert agg.g_sum.dtype == np.float64
 
 
 def test_a_step_does_not_mutate_its_inputs() -> None:
