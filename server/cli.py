@@ -8,8 +8,9 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import click
 
@@ -68,7 +69,8 @@ class Progress:
         self.quiet = quiet
         if quiet:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RichProgress
 
         self.bar = RichProgress(
             TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[figures]}"),
@@ -225,7 +227,8 @@ def serve(
     from threepc.common.engine import plan
     from threepc.common.errors import ConfigError
     from threepc.server import checkpoint
-    from threepc.server.launch import coordinator_summary, serve as serve_run
+    from threepc.server.launch import coordinator_summary
+    from threepc.server.launch import serve as serve_run
     from threepc.server.runlog import RunLog
 
     resumed = None
@@ -384,7 +387,8 @@ def sweep(config_file: str, grid: tuple[str, ...], tolerance: float, out: str, d
     from threepc.common.engine import plan, run_in_process
     from threepc.server.launch import run_local
     from threepc.server.runlog import RunLog
-    from threepc.server.sweep import parse_axis, sweep as run_sweep
+    from threepc.server.sweep import parse_axis
+    from threepc.server.sweep import sweep as run_sweep
 
     try:
         base = {**tomllib.loads(Path(config_file).read_text()), **_overrides(workers, rounds, seed)}

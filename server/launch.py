@@ -180,17 +180,17 @@ async def _run_workers(coordinator: Coordinator, server: Any, port: int, plan: P
     procs = []
     try:
         for i in range(plan.config.workers):
-            log_file = open(workers_dir / f"worker-{i}.log", "wb")
-            procs.append(
-                await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "threepc.worker",
-                    "--coordinator", f"127.0.0.1:{port}",
-                    "--worker-id", str(i),
-                    "--report", str(workers_dir / f"worker-{i}.json"),
-                    stdout=log_file, stderr=log_file, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # The child gets its own descriptor of the log; ours is closed once it is spawned.
+            with open(workers_dir / f"worker-{i}.log", "wb") as log_file:  # noqa: ASYNC230 - a local file, opened once
+                procs.append(
+                    await asyncio.create_subprocess_exec(
+                        sys.executable, "-m", "threepc.worker",
+                        "--coordinator", f"127.0.0.1:{port}",
+                        "--worker-id", str(i),
+                        "--report", str(workers_dir / f"worker-{i}.json"),
+                        stdout=log_file, stderr=log_file, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    )
                 )
-            )
-            log_file.close()
         run = asyncio.ensure_future(coordinator.run())
         waits = {asyncio.ensure_future(p.wait()): i for i, p in enumerate(procs)}
         pending = set(waits)

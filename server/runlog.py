@@ -18,7 +18,7 @@ class RunLog:
     def __init__(self, out_dir: str | Path):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(self.out / "metrics.jsonl", "w", encoding="utf-8")
+        self._metrics = open(self.out / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115 - open for the run, closed by close()
 
     def write_row(self, row: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(row) + "\n")

@@ -14,9 +14,10 @@ import itertools
 import json
 import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from threepc.common import config as config_mod
 from threepc.common.errors import ConfigError

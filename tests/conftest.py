@@ -45,6 +45,7 @@ def threepc(*args: str, timeout: float = 240, env: dict[str, str] | None = None)
     """Run the `threepc` CLI as a user would (a new process), capturing its output."""
     return subprocess.run(
         [sys.executable, "-m", "threepc.server.cli", *args],
+        check=False,  # callers assert on the return code and the output
         capture_output=True,
         text=True,
         timeout=timeout,

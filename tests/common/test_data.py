@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
+from tests.conftest import SHARED_DATA, requires_shared_data
 from threepc.common import data
 from threepc.common.errors import DataError
-from tests.conftest import SHARED_DATA, requires_shared_data
 
 
 def test_shards_are_contiguous_and_cover_every_row() -> None:

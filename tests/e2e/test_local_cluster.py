@@ -145,8 +145,10 @@ def test_worker_with_the_wrong_dimension_is_refused(tmp_path: Path) -> None:
         'method = { name = "3pcv2", q = { name = "rand_k", k = 4 } }\ncompressor = { name = "top_k", k = 2 }',
         'method = { name = "marina", iscc = true, p = 0.2 }\nstepsize = 0.5\ncompressor = { name = "rand_k", k = 4 }',
         # float32 state: h, the mirrors and x in float32, values rounded once into them
-        'method = { name = "3pcv2", q = { name = "qsgd", s = 4 } }\ncompressor = { name = "top_k", k = 2 }\n'
-        'wire = { iterate_dtype = "float32" }',
+        (
+            'method = { name = "3pcv2", q = { name = "qsgd", s = 4 } }\ncompressor = { name = "top_k", k = 2 }\n'
+            'wire = { iterate_dtype = "float32" }'
+        ),
     ],
     ids=["clag", "marina", "3pcv2", "marina-iscc", "3pcv2-float32"],
 )
