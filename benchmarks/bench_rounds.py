@@ -28,7 +28,10 @@ EF21 is `method = "ef21"` with `top_k(k = d/100)`.
     .venv/bin/python -m threepc.benchmarks.bench_rounds --n 8 --d 1e6 --method ef21 --repeats 1
     .venv/bin/python -m threepc.benchmarks.bench_rounds --json                    # the full grid
 
-On a shared 2-core VM the first line takes under a minute. The full grid (n in 8, 32, 100; d
+`--n 1 2` gives every process a core of its own on a 2-core machine: there the in-process work
+cannot hide behind other workers' and a round is the bare stream's plus that work in sequence
+(worker, then coordinator), which `ideal_rounds_per_s` accounts for. On a shared 2-core VM the
+first line takes under a minute. The full grid (n in 8, 32, 100; d
 in 1e4, 1e6; d = 1e7 at n = 8; GD and EF21, both downlinks) took 32 minutes there: with the
 default 3 repeats 12 minutes for n in 8, 32 at d in 1e4, 1e6, 5 for d = 1e7 and 10 for n = 100 at
 d = 1e4, and 5.5 for n = 100 at d = 1e6 at `--repeats 1` (100 worker processes of 190-250 MB RSS
