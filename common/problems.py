@@ -111,7 +111,7 @@ class _LinearModel:
         part = self.features[rows]
         _, slopes = self._phi(part @ x, self.labels[rows])
         return (
-            np.asarray(part.T @ (weights * slopes)) / rows.size
+            np.asarray(part.T @ (weights * slopes / rows.size))
             + float(np.mean(weights)) * self._reg(x)[1]
         )
 
