@@ -16,7 +16,7 @@ import click
 
 from threepc.common import config as config_mod
 from threepc.common.errors import ThreePCError
-from threepc.common.memory import keep_freed_memory
+from threepc.common.memory import keep_freed_memory, keep_round_buffers
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -141,6 +141,7 @@ def run(
                 rows_seen.append(row)
                 on_round(row)
 
+            keep_round_buffers()
             extra = asyncio.run(
                 run_local(the_plan, Path(out), on_round_distributed, None if no_dashboard else dashboard, _announce)
             )
@@ -276,6 +277,7 @@ def serve(
         if linger:
             click.echo("run finished; lingering until SIGTERM (--linger)", err=True)
 
+    keep_round_buffers()
     try:
         asyncio.run(
             serve_run(the_plan, listen, on_round, on_listening, token, None if no_dashboard else dashboard, _announce,
