@@ -15,7 +15,7 @@ the 357 MB its memory target allows), yet left to glibc it refaults the round's 
 received updates, x, the broadcast) every round. So it gets a bounded setting: blocks under
 8 MiB (a 4 MiB chunk, a d = 1e6 float32 vector) from the heap, and up to 48 MiB of freed heap
 kept. Measured at n = 8, d = 1e6 (GD, 3 runs each): 13.7 -> 16.7 rounds/s at a peak of
-307-318 MB (277-309 before); at n = 8, d = 1e7 the peak stays at 0.79 GB.
+307-335 MB (277-309 before); at n = 8, d = 1e7 the peak stays at 0.79 GB.
 """
 
 from __future__ import annotations

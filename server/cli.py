@@ -397,6 +397,10 @@ def sweep(config_file: str, grid: tuple[str, ...], tolerance: float, out: str, d
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ThreePCError(f"cannot read config {config_file}: {err}") from None
     axes = [parse_axis(text) for text in grid]
+    if distributed:
+        keep_round_buffers()  # this process coordinates every run
+    else:
+        keep_freed_memory()  # this process runs the engine, as `threepc run --in-process` does
 
     def run_one(config: config_mod.RunConfig, folder: Path) -> list[dict]:
         log, rows = RunLog(folder), []
