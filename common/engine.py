@@ -319,12 +319,12 @@ class Aggregator:
             return
         part = message.parts[0] if len(message.parts) == 1 else None
         if message.mode is Mode.REPLACE and isinstance(part, DenseVector):
-            # GD's case: message.apply is the values rounded into the state dtype, which
-            # _replace_dense does block by block (no d-sized temporary whatever the dtypes).
-            if self.sums_mirrors:
+            if self.sums_mirrors:  # GD: g_sum is summed from the rows when the round closes
                 np.copyto(old, part.values, casting="same_kind")  # rounded as astype rounds
                 self._resum = True
             else:
+                # message.apply is the values rounded into the state dtype, which _replace_dense
+                # does block by block (no d-sized temporary whatever the dtypes).
                 self._replace_dense(old, part.values)
             self._touched = None
             return
