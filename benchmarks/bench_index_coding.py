@@ -80,7 +80,7 @@ def _row(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="threepc bench index-coding", description=__doc__.splitlines()[0])
     parser.add_argument("--d", type=float, nargs="+", default=[1e6, 1e7])
     parser.add_argument("--density", type=float, nargs="+", default=[0.0001, 0.001, 0.01, 0.1, 0.3])
     parser.add_argument("--repeats", type=int, default=7)

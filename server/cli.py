@@ -344,10 +344,13 @@ def worker(
         asyncio.run(until_signalled())
 
 
-@cli.command(context_settings={**CONTEXT, "ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("which", type=click.Choice(["wire", "rounds", "index-coding"]))
+# Our own --help, not click's eager one: after WHICH it belongs to the benchmark.
+@cli.command(context_settings={**CONTEXT, "ignore_unknown_options": True, "allow_extra_args": True},
+             add_help_option=False)
+@click.argument("which", type=click.Choice(["wire", "rounds", "index-coding"]), required=False)
+@click.option("-h", "--help", "show_help", is_flag=True, help="Show this message and exit.")
 @click.pass_context
-def bench(ctx: click.Context, which: str) -> None:
+def bench(ctx: click.Context, which: str | None, show_help: bool) -> None:
     """Run a benchmark and print its figures (never fails on timing).
 
     \b
@@ -359,8 +362,11 @@ def bench(ctx: click.Context, which: str) -> None:
     """
     import importlib
 
+    if which is None:
+        click.echo(ctx.get_help())
+        sys.exit(0 if show_help else 2)
     module = {"wire": "bench_wire", "rounds": "bench_rounds", "index-coding": "bench_index_coding"}[which]
-    code = importlib.import_module(f"threepc.benchmarks.{module}").main(list(ctx.args))
+    code = importlib.import_module(f"threepc.benchmarks.{module}").main(["--help"] * show_help + list(ctx.args))
     sys.exit(code or 0)
 
 

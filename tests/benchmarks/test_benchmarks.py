@@ -36,3 +36,15 @@ def test_bench_rounds_prints_a_row_with_every_field() -> None:
     # The ideal round is the in-process work over the cores plus the raw round: faster than either alone.
     assert row["ideal_rounds_per_s"] < min(row["raw_rounds_per_s"], 2 * row["inprocess_rounds_per_s"])
     assert 0 < row["worker_base_rss_mb"] < row["worker_rss_mb"]
+
+
+@pytest.mark.parametrize("which, option", [("rounds", "--downlink"), ("wire", "--d"), ("index-coding", "--density")])
+def test_help_after_which_is_the_benchmarks_own(which: str, option: str) -> None:
+    r = threepc("bench", which, "--help")
+    assert r.returncode == 0, r.stderr
+    assert f"usage: threepc bench {which}" in r.stdout and option in r.stdout
+
+
+def test_bench_without_which_lists_the_benchmarks_and_fails() -> None:
+    r = threepc("bench")
+    assert r.returncode == 2 and "index-coding" in r.stdout
