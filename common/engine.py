@@ -215,9 +215,12 @@ class WorkerNode:
         else:
             self.state = self.mechanism.reset(np.asarray(h).size)
 
-    def round(self, t: int, x: np.ndarray) -> tuple[Message, tuple[float, np.ndarray] | None]:
-        """Message for round t at iterate x^t, and (f_i(x^t), grad f_i(x^t)) on diagnostic rounds."""
-        x64 = self._as_float64(x)
+    def round(
+        self, t: int, x: np.ndarray, x64: np.ndarray | None = None
+    ) -> tuple[Message, tuple[float, np.ndarray] | None]:
+        """Message for round t at iterate x^t, and (f_i(x^t), grad f_i(x^t)) on diagnostic rounds.
+        `x64`: x in float64, where the caller has it already (read, never kept or changed)."""
+        x64 = self._as_float64(x) if x64 is None else x64
         r = round_randomness(self.config.seed, t, self.worker_id, self.config.workers)
         grad, self.oracle_state = self.oracle.estimate(self.oracle_state, self.problem, x64, r)
         if self.state is None:
@@ -453,41 +456,60 @@ class IterateFollower:
     """
 
     def __init__(self, x: np.ndarray, g_sum: np.ndarray, n: int, step_scale: float):
-        self.x = np.array(x)
-        self.g_sum = np.array(g_sum, dtype=np.float64)
         self.n = n
         self.step_scale = step_scale
+        self.reset(x, g_sum)
 
     def reset(self, x: np.ndarray, g_sum: np.ndarray) -> None:
         """A dense resync: the coordinator's x and g_sum as they are."""
         self.x = np.array(x)
         self.g_sum = np.array(g_sum, dtype=np.float64)
+        self.x64 = np.array(x, dtype=np.float64)  # x in float64, for the worker's gradient
 
     def follow(self, indices: np.ndarray | None, values: np.ndarray) -> np.ndarray:
-        """x^{t+1} from g_sum's new values at `indices` (None: at every coordinate)."""
+        """x^{t+1} from g_sum's new values at `indices` (None: at every coordinate); `x64`
+        then holds it in float64."""
         if indices is None:
             np.copyto(self.g_sum, values)
         else:
             self.g_sum[indices] = values
-        self.x = next_iterate(self.x, self.g_sum, self.step_scale, self.n)
+        if self.x.dtype == np.float64:
+            self.x = self.x64 = next_iterate(self.x, self.g_sum, self.step_scale, self.n)
+        else:
+            self.x = next_iterate(self.x, self.g_sum, self.step_scale, self.n, self.x64)
         return self.x
 
 
-def next_iterate(x: np.ndarray, g_sum: np.ndarray, scale: float, count: int) -> np.ndarray:
+def next_iterate(
+    x: np.ndarray, g_sum: np.ndarray, scale: float, count: int, widened_out: np.ndarray | None = None
+) -> np.ndarray:
     """x^{t+1} = x^t - (scale / count) g_sum: the one formula the coordinator and every follower of
     the delta downlink run, so that their iterates are equal bit for bit.
 
     Each coordinate is x[j] - g_sum[j] * (scale / count) in float64, rounded once into x's dtype
     (a new array). Block by block: the step's float64 block stays in cache, and no d-sized
     float64 array is kept or made for it (at d = 1e6 1.3 ms, against 2.1 for a kept step vector).
+    A float32 x is widened into a block of its own first: numpy's mixed-dtype subtract casts
+    in small buffers (1.0-1.1 ms against 1.2-1.4 at d = 1e6). `widened_out` (float64, x's shape),
+    if given, also receives x^{t+1} in float64 from the same pass: what a worker's gradient reads,
+    without a pass of its own over the new x.
     """
     factor = scale / count
     new = np.empty_like(x)
-    scratch = np.empty(min(x.size, BLOCK))
+    steps = np.empty(min(x.size, BLOCK))
+    widened = np.empty_like(steps) if x.dtype != steps.dtype else None
     for block in blocks(x.size):
-        step = scratch[: block.stop - block.start]
+        step = steps[: block.stop - block.start]
         np.multiply(g_sum[block], factor, out=step)
-        np.subtract(x[block], step, out=new[block])
+        if widened is None:
+            np.subtract(x[block], step, out=new[block])
+        else:
+            wide = widened[: step.size]
+            np.copyto(wide, x[block])
+            np.subtract(wide, step, out=wide)
+            np.copyto(new[block], wide, casting="same_kind")
+        if widened_out is not None:
+            np.copyto(widened_out[block], new[block])
     return new
 
 

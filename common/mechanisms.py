@@ -58,6 +58,17 @@ class Mechanism(NamedTuple):
     whole: bool = False  # every message is g_i itself, dense (GD): the coordinator sums the mirrors once a round
 
 
+def minus(x: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """x - h, as numpy computes it, but h widened in one pass first: numpy's own subtract of a
+    float32 h from a float64 x casts in small buffers, and took 0.8-1.0 ms at d = 1e6 against
+    0.45-0.55 ms this way."""
+    if x.dtype == h.dtype:
+        return x - h
+    out = np.empty(x.shape, np.result_type(x, h))
+    np.copyto(out, h)
+    return np.subtract(x, out, out=out)
+
+
 def dense_message(x: np.ndarray, dtype: str) -> Message:
     """g_i = x, sent in full."""
     return Message(Mode.REPLACE, (DenseVector(to_wire_dtype(x, dtype), dtype),))
@@ -117,7 +128,7 @@ def gd_3pc(dtype: str) -> ThreePointFn:
 
 def ef21_3pc(c: Compressor) -> ThreePointFn:
     """C_{h,y}(x) = h + C(x - h)."""
-    return lambda h, y, x, r: Message(Mode.DELTA, (c.compress(x - h, r),))
+    return lambda h, y, x, r: Message(Mode.DELTA, (c.compress(minus(x, h), r),))
 
 
 def naive_3pc(c: Compressor) -> ThreePointFn:
@@ -130,7 +141,8 @@ def lazy(inner: ThreePointFn, zeta: float) -> ThreePointFn:
     """Run `inner` only if ||x - h||^2 > zeta ||x - y||^2 (strict), else keep h at a 1-bit skip."""
 
     def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, r: Randomness) -> Message:
-        if float(np.dot(x - h, x - h)) > zeta * float(np.dot(x - y, x - y)):
+        gap, change = minus(x, h), x - y
+        if float(np.dot(gap, gap)) > zeta * float(np.dot(change, change)):
             sent = inner(h, y, x, r)
             return Message(sent.mode, sent.parts, sent.flag_bits + 1)
         return skip(1)
@@ -153,7 +165,7 @@ def v2_3pc(c: Compressor, q: Compressor) -> ThreePointFn:
     def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, r: Randomness) -> Message:
         q_part = q.compress(x - y, r)
         b = Message(Mode.DELTA, (q_part,)).apply(h)
-        return Message(Mode.DELTA, (q_part, c.compress(x - b, r)))
+        return Message(Mode.DELTA, (q_part, c.compress(minus(x, b), r)))
 
     return c3pc
 
@@ -164,7 +176,7 @@ def v3_3pc(c: Compressor, inner: ThreePointFn) -> ThreePointFn:
     def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, r: Randomness) -> Message:
         first = inner(h, y, x, r)
         b = first.apply(h)
-        return Message(first.mode, first.parts + (c.compress(x - b, r),), first.flag_bits)
+        return Message(first.mode, first.parts + (c.compress(minus(x, b), r),), first.flag_bits)
 
     return c3pc
 
@@ -173,9 +185,9 @@ def v4_3pc(c1: Compressor, c2: Compressor) -> ThreePointFn:
     """3PCv4: b + C1(x - b) with b = h + C2(x - h)."""
 
     def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, r: Randomness) -> Message:
-        c2_part = c2.compress(x - h, r)
+        c2_part = c2.compress(minus(x, h), r)
         b = Message(Mode.DELTA, (c2_part,)).apply(h)
-        return Message(Mode.DELTA, (c2_part, c1.compress(x - b, r)))
+        return Message(Mode.DELTA, (c2_part, c1.compress(minus(x, b), r)))
 
     return c3pc
 
@@ -197,7 +209,7 @@ def ef21_plus_3pc(c: Compressor) -> ThreePointFn:
 
     def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, r: Randomness) -> Message:
         plain = Message(Mode.REPLACE, (c.compress(x, r),), 1)
-        markov = Message(Mode.DELTA, (c.compress(x - h, r),), 1)
+        markov = Message(Mode.DELTA, (c.compress(minus(x, h), r),), 1)
         d = x.size
         err_plain = float(np.sum((plain.dense(d) - x) ** 2))
         err_markov = float(np.sum((markov.apply(h) - x) ** 2))

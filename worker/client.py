@@ -211,9 +211,12 @@ def _restore(node: WorkerNode, proto: ProtoRestore, path: str, bulk: Bulk) -> No
         node.restore(*restored)
 
 
-def _iterate(session: _Session, node: WorkerNode, proto: ProtoRound, bulk: Bulk) -> np.ndarray | None:
-    """x^t from a Round: given densely, or rebuilt from the change of g_sum (delta downlink);
-    None when the rebuilt one does not match the coordinator's digest."""
+def _iterate(
+    session: _Session, node: WorkerNode, proto: ProtoRound, bulk: Bulk
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """x^t from a Round, given densely or rebuilt from the change of g_sum (delta downlink), and
+    x^t in float64 where the rebuilding made it; None when the rebuilt x^t does not match the
+    coordinator's digest."""
     d = node.problem.dim
     if not proto.delta:
         x = codec.iterate_from_proto(proto, d, bulk)
@@ -221,12 +224,12 @@ def _iterate(session: _Session, node: WorkerNode, proto: ProtoRound, bulk: Bulk)
         if aggregate is not None:
             step_scale = 1.0 if node.mechanism.worker_scales else float(node.config.stepsize)
             session.follower = IterateFollower(x, aggregate, node.config.workers, step_scale)
-        return x
+        return x, None
     if session.follower is None:
         return None
     indices, values = codec.round_change_from_proto(proto, d, bulk)
     x = session.follower.follow(indices, values)
-    return x if digest(x) == proto.digest else None
+    return (x, session.follower.x64) if digest(x) == proto.digest else None
 
 
 async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, session: _Session) -> dict:
@@ -296,12 +299,12 @@ async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, sessio
         if kind != "round":
             raise ProtocolError(f"expected round, restore or done, got {kind}")
         t = message.round.round
-        x = _iterate(session, node, message.round, bulk)
-        if x is None:  # the rebuilt iterate missed the digest: ask for round t densely
+        iterate = _iterate(session, node, message.round, bulk)
+        if iterate is None:  # the rebuilt iterate missed the digest: ask for round t densely
             await send(ProtoWorkerMessage(resync=ProtoResync(round=t)), chunk)
             session.resyncs += 1
             continue
-        update, diagnostics = node.round(t, x)
+        update, diagnostics = node.round(t, *iterate)
         if options.throttle_s and (options.throttle_rounds is None or t in options.throttle_rounds):
             await asyncio.sleep(options.throttle_s)
         envelope, bulk = ProtoWorkerMessage(), Bulk()  # filled in place: a constructor would copy the values again
@@ -311,7 +314,7 @@ async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, sessio
             envelope, bulk = ProtoWorkerMessage(), Bulk()
             codec.fill_diagnostics(envelope.diagnostics, t, worker_id, *diagnostics, bulk)
             await send(envelope, chunk, bulk)
-        del message, bulk, x, envelope, update, diagnostics  # d-vectors: not held while the next round arrives
+        del message, bulk, iterate, envelope, update, diagnostics  # d-vectors: not held while the next round arrives
         session.rounds += 1
     with contextlib.suppress(asyncio.InvalidStateError):  # the coordinator may have ended it already
         await call.done_writing()

@@ -256,9 +256,11 @@ def test_naive_compressed_gd_stalls_where_ef21_converges() -> None:
     ],
     ids=["ef21", "clag", "marina", "gd"],
 )
-def test_a_follower_rebuilds_x_bit_for_bit_from_the_changes(overrides: dict) -> None:
-    """Delta downlink: a worker that sees only (indices, new g_sum values) keeps x exactly."""
-    cfg = small(rounds=40, **overrides)
+@pytest.mark.parametrize("iterate_dtype", ["float64", "float32"])
+def test_a_follower_rebuilds_x_bit_for_bit_from_the_changes(overrides: dict, iterate_dtype: str) -> None:
+    """Delta downlink: a worker that sees only (indices, new g_sum values) keeps x exactly, and
+    hands its gradient x in float64 from the same pass."""
+    cfg = small(rounds=40, wire={"iterate_dtype": iterate_dtype}, **overrides)
     p = engine.plan(cfg)
     full = engine.load_data(p.resolved)
     nodes = [engine.WorkerNode(p.resolved, i, engine.local_problem(p.resolved, engine.load_shard(p.resolved, i, full), i)) for i in range(3)]
@@ -267,13 +269,15 @@ def test_a_follower_rebuilds_x_bit_for_bit_from_the_changes(overrides: dict) -> 
     sent = 0
     for t in range(cfg.rounds):
         for node in nodes:
-            agg.apply(node.worker_id, node.round(t, follower.x)[0])
+            agg.apply(node.worker_id, node.round(t, follower.x, follower.x64)[0])
         agg.finish_round()
         assert agg.change is not None
         indices, values = agg.change
         sent += agg.d if indices is None else indices.size
         follower.follow(indices, values)
         assert engine.digest(follower.x) == engine.digest(agg.x)
+        assert follower.x.dtype == np.dtype(iterate_dtype) and follower.x64.dtype == np.float64
+        assert np.array_equal(follower.x64, follower.x.astype(np.float64))
     assert np.array_equal(follower.x, agg.x)
     if "ef21" in str(overrides):
         assert sent <= 3 * 3 * cfg.rounds + 30  # at most n k coordinates a round (+ round 0's d)
@@ -311,3 +315,19 @@ def test_iscc_sends_from_one_worker_per_compressed_round() -> None:
     # Every round after 0 either is full (nobody skips) or compressed (exactly 2 of 3 skip).
     assert total_skips % 2 == 0 and total_skips > 0
     assert all(r["skips"] in (0, 2) for r in rows)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("d", [1, 1000, engine.BLOCK + 7])
+def test_next_iterate_is_the_formula_rounded_once(dtype: str, d: int) -> None:
+    """x - g_sum (scale / count) in float64, rounded into x's dtype, whatever the blocks; the
+    float64 copy a follower asks for is that same x."""
+    rng = np.random.default_rng(d)
+    x = rng.standard_normal(d).astype(dtype)
+    g_sum = rng.standard_normal(d) * 10.0 ** rng.integers(-8, 3, d)
+    expected = (x.astype(np.float64) - g_sum * (0.3 / 7)).astype(dtype)
+    widened = np.full(d, np.nan)
+    new = engine.next_iterate(x, g_sum, 0.3, 7, widened_out=widened)
+    assert new.dtype == x.dtype and np.array_equal(new, expected)
+    assert np.array_equal(widened, expected.astype(np.float64))
+    assert np.array_equal(engine.next_iterate(x, g_sum, 0.3, 7), expected)

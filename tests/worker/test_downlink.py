@@ -20,7 +20,8 @@ def test_a_worker_rebuilds_x_and_asks_for_a_resync_when_the_digest_differs() -> 
     agg = engine.Aggregator(dataclasses.replace(p, downlink="delta"))
     dense = codec.fill_round(ProtoRound(), 0, agg.x, agg.g_sum, engine.digest(agg.x))
     assert dense.aggregate_zero and not dense.aggregate_sum  # round 0's g_sum: zeros, left out
-    assert np.array_equal(_iterate(session, node, dense, {}), agg.x)
+    x, x64 = _iterate(session, node, dense, {})
+    assert np.array_equal(x, agg.x) and x64 is None  # given densely: the worker widens it itself
     other = engine.WorkerNode(p.resolved, 1, engine.local_problem(p.resolved, engine.load_shard(p.resolved, 1, full), 1))
     for worker in (node, other):
         agg.apply(worker.worker_id, worker.round(0, agg.x)[0])
@@ -29,7 +30,8 @@ def test_a_worker_rebuilds_x_and_asks_for_a_resync_when_the_digest_differs() -> 
     assert indices is None and values is agg.g_sum  # round 0 changed every coordinate: no copies
     delta = codec.fill_round_change(ProtoRound(), 1, agg.x.dtype.name, indices, values, p.dim, engine.digest(agg.x))
     assert delta.change_count == p.dim and not delta.change_indices  # d indices could only be 0..d-1
-    assert np.array_equal(_iterate(session, node, delta, {}), agg.x)
+    x, x64 = _iterate(session, node, delta, {})
+    assert np.array_equal(x, agg.x) and np.array_equal(x64, agg.x.astype(np.float64))
     # A follower that drifted (here: tampered with) gets None: the worker asks for round t densely.
     drifted = _Session(worker_id=0)
     _iterate(drifted, node, dense, {})
