@@ -12,8 +12,10 @@ gRPC runtime (threepc.server, threepc.worker) drives the very same objects with 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,31 @@ def blocks(size: int) -> Iterator[slice]:
     """The consecutive slices of at most BLOCK elements that cover range(size)."""
     for start in range(0, size, BLOCK):
         yield slice(start, min(start + BLOCK, size))
+
+
+_HELPER: ThreadPoolExecutor | None = None  # one thread, made on first use
+
+
+def in_two_threads(work: Callable[[slice], None], size: int) -> None:
+    """work(block) for the blocks of range(size), the second half in a helper thread when this
+    process may use two cores: numpy leaves the GIL in its loops. For a serial step that the
+    workers wait on (the mirrors' sum when a GD round closes: 5.1-5.4 -> 2.8-3.0 ms at n = 8,
+    d = 1e6). Each block gets the same operations either way."""
+    global _HELPER
+    halves = list(blocks(size))
+    if len(halves) < 2 or len(os.sched_getaffinity(0)) < 2:
+        for block in halves:
+            work(block)
+        return
+    if _HELPER is None:
+        _HELPER = ThreadPoolExecutor(1, thread_name_prefix="threepc-blocks")
+    later = halves[len(halves) // 2:]
+    done = _HELPER.submit(lambda: [work(block) for block in later])
+    try:
+        for block in halves[: len(halves) // 2]:
+            work(block)
+    finally:
+        done.result()
 
 
 def initial_iterate(config: RunConfig, d: int, whole: Problem | None = None) -> np.ndarray:
@@ -352,8 +379,7 @@ class Aggregator:
 
     def _sum_mirrors(self) -> None:
         """g_sum <- the sum of the mirrors in float64, in worker-id order, block by block."""
-        for block in blocks(self.d):
-            np.sum(self.mirrors[:, block], axis=0, dtype=np.float64, out=self.g_sum[block])
+        in_two_threads(lambda block: np.sum(self.mirrors[:, block], axis=0, dtype=np.float64, out=self.g_sum[block]), self.d)
         self._resum = False
 
     def add_diagnostics(self, loss: float, grad: np.ndarray) -> None:

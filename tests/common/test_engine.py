@@ -331,3 +331,21 @@ def test_next_iterate_is_the_formula_rounded_once(dtype: str, d: int) -> None:
     assert new.dtype == x.dtype and np.array_equal(new, expected)
     assert np.array_equal(widened, expected.astype(np.float64))
     assert np.array_equal(engine.next_iterate(x, g_sum, 0.3, 7), expected)
+
+
+def test_in_two_threads_does_every_block_once_and_raises_what_a_block_raised() -> None:
+    size = 5 * engine.BLOCK + 3
+    seen = np.zeros(size, np.int64)
+    engine.in_two_threads(lambda block: np.add.at(seen, np.arange(block.start, block.stop), 1), size)
+    assert (seen == 1).all()
+    mirrors = np.random.default_rng(0).standard_normal((3, size)).astype(np.float32)
+    total = np.empty(size)
+    engine.in_two_threads(lambda block: np.sum(mirrors[:, block], axis=0, dtype=np.float64, out=total[block]), size)
+    assert np.array_equal(total, mirrors.astype(np.float64).sum(axis=0))
+
+    def fails_at_the_end(block: slice) -> None:
+        if block.stop == size:  # the last block: the helper thread's half
+            raise ValueError("the last block")
+
+    with pytest.raises(ValueError, match="the last block"):
+        engine.in_two_threads(fails_at_the_end, size)
