@@ -50,6 +50,7 @@ import functools
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -234,8 +235,13 @@ def run_threepc(
         finally:
             watch.stop()
             if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+                # SIGTERM first: `threepc run` then stops its workers (a SIGKILL would orphan them).
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
     if code != 0:
         tail = (out / "coordinator.log").read_text(errors="replace").strip().splitlines()[-1:]
         raise RuntimeError(f"threepc run exited with {code}: {tail[0] if tail else '(no output)'}")
@@ -517,8 +523,13 @@ def grid(args: argparse.Namespace) -> list[tuple[int, int, str]]:
     ]
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # so that the row's `finally` stops the cluster it started
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args.data_dir.mkdir(parents=True, exist_ok=True)
     allocators = ["glibc", "tuned"] if args.allocator == "both" else [args.allocator]
     rows = []

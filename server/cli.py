@@ -115,7 +115,7 @@ def run(
     OUT/summary.json (config, final figures, per-worker totals as both ends metered them).
     """
     from threepc.common.engine import plan, run_in_process
-    from threepc.server.launch import run_local
+    from threepc.server.launch import Terminated, run_local
     from threepc.server.runlog import RunLog
 
     config = config_mod.load(config_file, _overrides(workers, rounds, seed))
@@ -142,9 +142,15 @@ def run(
                 on_round(row)
 
             keep_round_buffers()
-            extra = asyncio.run(
-                run_local(the_plan, Path(out), on_round_distributed, None if no_dashboard else dashboard, _announce)
-            )
+            try:
+                extra = asyncio.run(
+                    run_local(the_plan, Path(out), on_round_distributed, None if no_dashboard else dashboard, _announce)
+                )
+            except Terminated:
+                progress.stop()
+                click.echo(f"threepc: ended by SIGTERM after {len(rows_seen)} rounds; workers stopped; "
+                           f"the rounds' rows are in {out}/metrics.jsonl", err=True)
+                sys.exit(143)
             rows, x_final = rows_seen, extra.pop("x_final")
     finally:
         progress.stop()

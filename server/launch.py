@@ -166,12 +166,47 @@ async def run_local(
     A worker process that dies does not end the run where the method goes on without it
     (the 3PC family always; EF and MARINA under absent_policy = "drop"): it is logged, and the
     rounds close without it. Checkpoints go to `out_dir` every `checkpoint_every` rounds
-    (SIGTERM still ends a local run at once: its workers end with it).
+    (SIGTERM still ends a local run at once, raising `Terminated`: its workers are stopped with it,
+    and the rows written so far stay).
     """
     coordinator = Coordinator(plan, on_round, checkpoint_dir=out_dir)
     server, port = await start_server(coordinator, "127.0.0.1:0")
     async with dashboard_for(coordinator, dashboard, on_dashboard, required=False):
-        return await _run_workers(coordinator, server, port, plan, out_dir)
+        with ending_on_sigterm():
+            return await _run_workers(coordinator, server, port, plan, out_dir)
+
+
+class Terminated(Exception):
+    """A local run ended by SIGTERM (its workers stopped)."""
+
+
+@contextlib.contextmanager
+def ending_on_sigterm() -> Any:
+    """SIGTERM cancels the current task, so that its `finally` blocks run (a local run's stop its
+    worker processes, which the signal's default action would leave behind), and `Terminated`
+    is raised in its place."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    terminated = False
+
+    def cancel() -> None:
+        nonlocal terminated
+        terminated = True
+        if task is not None:
+            task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, cancel)
+    except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+        yield
+        return
+    try:
+        yield
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated("ended by SIGTERM") from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 async def _run_workers(coordinator: Coordinator, server: Any, port: int, plan: Plan, out_dir: Path) -> dict[str, Any]:

@@ -377,6 +377,33 @@ def test_threepc_run_goes_on_when_a_worker_dies(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- coordinator faults (processes)
 
 
+def _processes_naming(text: str) -> list[int]:
+    """The pids whose command line contains `text`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_sigterm_ends_a_local_run_with_its_workers_and_keeps_its_rows(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.toml", f'workers = 3\nrounds = 100000\nmethod = "gd"\n{SYNTHETIC}')
+    out = tmp_path / "out"
+    run = spawn("run", str(config), "--out", str(out), "-q", "--no-dashboard", log=tmp_path / "run.log")
+    try:
+        wait_for_rows(out, 20, run)
+        assert len(_processes_naming(str(out / "workers"))) == 3  # the workers' --report paths
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(30) == 143
+    finally:
+        run.kill()
+    assert "ended by SIGTERM" in (tmp_path / "run.log").read_text()
+    assert _processes_naming(str(out / "workers")) == []  # stopped with it, not left retrying
+    rows = read_rows(out)
+    assert len(rows) >= 20 and [r["round"] for r in rows] == list(range(len(rows)))
+
+
 def test_sigterm_then_resume_reaches_the_uninterrupted_iterate(tmp_path: Path) -> None:
     config = write_config(
         tmp_path / "c.toml",
