@@ -215,7 +215,7 @@ def _iterate(
     session: _Session, node: WorkerNode, proto: ProtoRound, bulk: Bulk
 ) -> tuple[np.ndarray, np.ndarray | None] | None:
     """x^t from a Round, given densely or rebuilt from the change of g_sum (delta downlink), and
-    x^t in float64 where the rebuilding made it; None when the rebuilt x^t does not match the
+    x^t in float64 where a follower keeps it; None when the rebuilt x^t does not match the
     coordinator's digest."""
     d = node.problem.dim
     if not proto.delta:
@@ -224,6 +224,7 @@ def _iterate(
         if aggregate is not None:
             step_scale = 1.0 if node.mechanism.worker_scales else float(node.config.stepsize)
             session.follower = IterateFollower(x, aggregate, node.config.workers, step_scale)
+            return x, session.follower.x64  # no float64 x of the node's own besides the follower's
         return x, None
     if session.follower is None:
         return None
