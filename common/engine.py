@@ -28,7 +28,7 @@ from threepc.common.errors import ConfigError, DivergedError
 from threepc.common.mechanisms import Mechanism, WorkerState
 from threepc.common.methods import Smoothness, build_method, stepsize
 from threepc.common.oracles import make_oracle
-from threepc.common.payloads import DenseVector, Message, Mode, union_sorted
+from threepc.common.payloads import DenseVector, Message, Mode
 from threepc.common.problems import Problem, hessian_variance, make_problem
 from threepc.common.randomness import round_randomness
 
@@ -307,14 +307,16 @@ class Aggregator:
         self.state_dtype = np.dtype(plan.config.wire.iterate_dtype)
         self.x = plan.x0  # iterates are replaced each round, never written into
         self.x_prev: np.ndarray | None = None
-        # Under the delta downlink: the coordinates of g_sum this round's messages changed (None:
-        # any; never tracked under the dense one), and after finish_round the change to broadcast
-        # instead of x: (indices, new g_sum values), or None when x is not a function of g_sum
-        # alone that round (an absent worker dropped and rescaled). Indices None: every
-        # coordinate, the values then g_sum itself (read it before the next apply), not d-sized
-        # copies of it and of arange(d).
+        # Under the delta downlink: the coordinates of g_sum this round's messages changed (a mask
+        # over d, where a message marks its k indices: the sorted union of the n k indices took
+        # 0.85 ms at n = 8, k = 1e4; `_touched_all`: maybe any), and after finish_round the
+        # change to broadcast instead of x: (indices, new g_sum values), or None when x is not a
+        # function of g_sum alone that round (an absent worker dropped and rescaled). Indices
+        # None: every coordinate, the values then g_sum itself (read it before the next apply),
+        # not d-sized copies of it and of arange(d).
         self.tracks_change = plan.downlink == "delta"
-        self._touched: list[np.ndarray] | None = [] if self.tracks_change else None
+        self._touched = np.zeros(self.d if self.tracks_change else 0, bool)
+        self._touched_all = False
         self.change: tuple[np.ndarray | None, np.ndarray] | None = None
         self.mirrors = np.zeros((self.n, self.d), self.state_dtype)  # g_i at the state dtype, as workers keep h
         self.g_sum = np.zeros(self.d)
@@ -353,8 +355,8 @@ class Aggregator:
             new_values = (old_values + np.asarray(message.parts[0].values, dtype=np.float64)).astype(old.dtype)
             self.g_sum[indices] += np.subtract(new_values, old_values, dtype=np.float64)
             old[indices] = new_values
-            if self._touched is not None:
-                self._touched.append(indices)
+            if self.tracks_change:
+                self._touched[indices] = True
             return
         part = message.parts[0] if len(message.parts) == 1 else None
         if message.mode is Mode.REPLACE and isinstance(part, DenseVector):
@@ -365,15 +367,15 @@ class Aggregator:
                 # message.apply is the values rounded into the state dtype, which _replace_dense
                 # does block by block (no d-sized temporary whatever the dtypes).
                 self._replace_dense(old, part.values)
-            self._touched = None
+            self._touched_all = True
             return
         self._replace_dense(old, message.apply(old))  # the mirrors array is this object's own
-        if self._touched is not None:
+        if self.tracks_change:
             support = message.support(self.d) if message.mode is Mode.DELTA else None
             if support is None:
-                self._touched = None  # a dense change: every coordinate may have moved
+                self._touched_all = True  # a dense change: every coordinate may have moved
             else:
-                self._touched.append(support)
+                self._touched[support] = True
 
     def _replace_dense(self, mirror: np.ndarray, new: np.ndarray) -> None:
         """mirror <- new rounded into the mirror's dtype, and g_sum += (that) - mirror in float64,
@@ -431,6 +433,7 @@ class Aggregator:
         self.x_prev = self.x
         if self._resum:
             self._sum_mirrors()
+        changed = self._changed()  # g_sum's coordinates this round changed (None: maybe all)
         if absent and self.needs_all and self.absent_policy == "drop":
             present = [i for i in range(self.n) if i not in set(absent)]
             total = self.mirrors[present].sum(axis=0, dtype=np.float64)
@@ -441,9 +444,7 @@ class Aggregator:
             if not self.tracks_change:
                 self.change = None  # the dense downlink broadcasts x itself
             else:
-                changed = self._changed()  # g_sum's coordinates this round changed (None: maybe all)
                 self.change = (None, self.g_sum) if changed is None else (changed, self.g_sum[changed])
-        self._touched = [] if self.tracks_change else None
         if not np.isfinite(self.x).all():
             raise DivergedError(f"the run diverged at round {self.t}: the iterate is no longer finite")
         self.t += 1
@@ -452,13 +453,18 @@ class Aggregator:
         return row
 
     def _changed(self) -> np.ndarray | None:
-        """The sorted coordinates of g_sum this round's messages changed; None: any of them
-        (a dense round: round 0, GD, MARINA's full rounds)."""
-        if self._touched is None:
+        """The sorted coordinates of g_sum this round's messages changed, and none marked for the
+        next round; None: any of them (a dense round: round 0, GD, MARINA's full rounds; and
+        whenever the change is not tracked)."""
+        if not self.tracks_change:
             return None
-        if self._touched:
-            return union_sorted(self._touched)
-        return np.zeros(0, np.int64)  # every worker skipped: nothing changed
+        if self._touched_all:
+            self._touched_all = False
+            self._touched.fill(False)
+            return None
+        changed = np.flatnonzero(self._touched)  # empty when every worker skipped
+        self._touched[changed] = False
+        return changed
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Everything a resumed run needs, as arrays (np.savez-able; no pickles)."""

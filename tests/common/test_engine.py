@@ -268,11 +268,16 @@ def test_a_follower_rebuilds_x_bit_for_bit_from_the_changes(overrides: dict, ite
     follower = engine.IterateFollower(agg.x, agg.g_sum, agg.n, agg.step_scale)
     sent = 0
     for t in range(cfg.rounds):
+        supports = []
         for node in nodes:
-            agg.apply(node.worker_id, node.round(t, follower.x, follower.x64)[0])
+            message = node.round(t, follower.x, follower.x64)[0]
+            supports.append(None if message.mode is not Mode.DELTA else message.support(agg.d))
+            agg.apply(node.worker_id, message)
         agg.finish_round()
         assert agg.change is not None
         indices, values = agg.change
+        if indices is not None:  # exactly this round's coordinates: none left over from the last
+            assert set(indices.tolist()) == set().union(*(s.tolist() for s in supports if s is not None))
         sent += agg.d if indices is None else indices.size
         follower.follow(indices, values)
         assert engine.digest(follower.x) == engine.digest(agg.x)
