@@ -291,3 +291,16 @@ def test_pack_bits_round_trips_and_validates() -> None:
 def test_log2_binomial() -> None:
     assert log2_binomial(10, 0) == log2_binomial(10, 10) == 0.0
     assert log2_binomial(10, 3) == pytest.approx(math.log2(120))
+
+
+def test_golomb_round_trips_with_rice_and_general_parameters() -> None:
+    """The decoder's two remainder paths: m a power of two (no short remainders) and any other m."""
+    rng = np.random.default_rng(3)
+    d, parameters = 100_000, set()
+    for density in np.geomspace(0.002, 0.3, 40):
+        x = np.sort(rng.choice(d, int(density * d), replace=False))
+        data, _ = encode_indices_as(IndexCoding.GOLOMB_RICE, x, d)
+        m = int.from_bytes(data[:3], "big") >> (24 - 17)  # the header: m - 1 in _width(d) = 17 bits
+        parameters.add(m + 1)
+        assert np.array_equal(decode_indices(IndexCoding.GOLOMB_RICE, data, x.size, d), x)
+    assert {m for m in parameters if m & (m - 1) == 0} and {m for m in parameters if m & (m - 1)}
