@@ -33,10 +33,10 @@ cannot hide behind other workers' and a round is the bare stream's plus that wor
 (worker, then coordinator), which `ideal_rounds_per_s` accounts for.
 
 On a shared 2-core VM the first line takes under a minute. The full grid (n in 8, 32, 100; d in
-1e4, 1e6; d = 1e7 at n = 8; GD and EF21, both downlinks) took 32 minutes there: with the default
-3 repeats 12 minutes for n in 8, 32 at d in 1e4, 1e6, 5 for d = 1e7 and 10 for n = 100 at
-d = 1e4, and 5.5 for n = 100 at d = 1e6 at `--repeats 1` (100 worker processes of 190-250 MB RSS
-each, the shared libraries counted in every one; the VM has 24 GB).
+1e4, 1e6; d = 1e7 at n = 8; GD and EF21, both downlinks) took 25 minutes there, in parts: with
+the default 3 repeats 6 minutes for n in 8, 32 at d = 1e6, 4 at d = 1e4 and 5 for d = 1e7; at
+`--repeats 1`, 2 minutes for n = 100 at d = 1e4 and 8 at d = 1e6 (100 worker processes of
+185-250 MB RSS each, the shared libraries counted in every one; the VM has 24 GB).
 Worker processes keep freed memory in their heap and the coordinator keeps a bounded amount
 (threepc.common.memory, mallopt at start); `--allocator both` also runs each row with glibc left
 as it is (THREEPC_ALLOCATOR=glibc in every process's environment), to show what that is worth.
