@@ -85,11 +85,11 @@ async def dashboard_for(
 
 
 @contextlib.contextmanager
-def stopping_on_sigterm(coordinator: Coordinator) -> Any:
-    """SIGTERM asks the coordinator to checkpoint and stop (`Coordinator.request_stop`)."""
+def on_sigterm(handler: Callable[[], None]) -> Any:
+    """SIGTERM calls `handler` (in the event loop) while inside."""
     loop = asyncio.get_running_loop()
     try:
-        loop.add_signal_handler(signal.SIGTERM, coordinator.request_stop)
+        loop.add_signal_handler(signal.SIGTERM, handler)
     except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
         yield
         return
@@ -97,6 +97,7 @@ def stopping_on_sigterm(coordinator: Coordinator) -> Any:
         yield
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
+
 
 
 async def serve(
@@ -127,7 +128,7 @@ async def serve(
         on_listening(port)
     try:
         async with dashboard_for(coordinator, dashboard, on_dashboard):
-            with stopping_on_sigterm(coordinator):
+            with on_sigterm(coordinator.request_stop):  # checkpoint and stop after the open round
                 await coordinator.run()
             if on_finished:
                 on_finished(coordinator)
@@ -185,7 +186,7 @@ def ending_on_sigterm() -> Any:
     """SIGTERM cancels the current task, so that its `finally` blocks run (a local run's stop its
     worker processes, which the signal's default action would leave behind), and `Terminated`
     is raised in its place."""
-    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    task = asyncio.current_task()
     terminated = False
 
     def cancel() -> None:
@@ -195,18 +196,12 @@ def ending_on_sigterm() -> Any:
             task.cancel()
 
     try:
-        loop.add_signal_handler(signal.SIGTERM, cancel)
-    except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
-        yield
-        return
-    try:
-        yield
+        with on_sigterm(cancel):
+            yield
     except asyncio.CancelledError:
         if terminated:
             raise Terminated("ended by SIGTERM") from None
         raise
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
 
 
 async def _run_workers(coordinator: Coordinator, server: Any, port: int, plan: Plan, out_dir: Path) -> dict[str, Any]:
