@@ -130,6 +130,7 @@ class Plan:
     smoothness: Smoothness
     x0: np.ndarray
     dataset: str  # the data actually used (a file, or a synthetic stand-in)
+    stand_in: bool = False  # the data is a synthetic stand-in for a named set that was not found
     downlink: str = "dense"  # "dense" or "delta", resolved from wire.downlink
     message_limit: int = 64 << 20  # the largest message a worker may send, resolved from wire.max_message_bytes
     chunk_bytes: int = CHUNK_BYTES  # messages larger than this are chunked (wire.chunk_bytes)

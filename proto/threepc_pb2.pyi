@@ -28,20 +28,22 @@ DELTA: Mode
 REPLACE: Mode
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("join", "ready", "update", "diagnostics", "chunk", "resync")
+    __slots__ = ("join", "ready", "update", "diagnostics", "chunk", "resync", "diverged")
     JOIN_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     DIAGNOSTICS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     RESYNC_FIELD_NUMBER: _ClassVar[int]
+    DIVERGED_FIELD_NUMBER: _ClassVar[int]
     join: Join
     ready: Ready
     update: Update
     diagnostics: Diagnostics
     chunk: Chunk
     resync: Resync
-    def __init__(self, join: _Optional[_Union[Join, _Mapping]] = ..., ready: _Optional[_Union[Ready, _Mapping]] = ..., update: _Optional[_Union[Update, _Mapping]] = ..., diagnostics: _Optional[_Union[Diagnostics, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., resync: _Optional[_Union[Resync, _Mapping]] = ...) -> None: ...
+    diverged: Diverged
+    def __init__(self, join: _Optional[_Union[Join, _Mapping]] = ..., ready: _Optional[_Union[Ready, _Mapping]] = ..., update: _Optional[_Union[Update, _Mapping]] = ..., diagnostics: _Optional[_Union[Diagnostics, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., resync: _Optional[_Union[Resync, _Mapping]] = ..., diverged: _Optional[_Union[Diverged, _Mapping]] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
     __slots__ = ("welcome", "round", "done", "chunk", "restore")
@@ -108,12 +110,18 @@ class Restore(_message.Message):
     def __init__(self, round: _Optional[int] = ..., has_state: _Optional[bool] = ..., mirror_dtype: _Optional[_Union[Dtype, str]] = ..., mirror: _Optional[bytes] = ..., x_prev_dtype: _Optional[_Union[Dtype, str]] = ..., x_prev: _Optional[bytes] = ...) -> None: ...
 
 class Ready(_message.Message):
-    __slots__ = ("rows", "dimension")
+    __slots__ = ("rows", "dimension", "shard_hash", "data_source", "synthetic")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    SHARD_HASH_FIELD_NUMBER: _ClassVar[int]
+    DATA_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SYNTHETIC_FIELD_NUMBER: _ClassVar[int]
     rows: int
     dimension: int
-    def __init__(self, rows: _Optional[int] = ..., dimension: _Optional[int] = ...) -> None: ...
+    shard_hash: bytes
+    data_source: str
+    synthetic: bool
+    def __init__(self, rows: _Optional[int] = ..., dimension: _Optional[int] = ..., shard_hash: _Optional[bytes] = ..., data_source: _Optional[str] = ..., synthetic: _Optional[bool] = ...) -> None: ...
 
 class Round(_message.Message):
     __slots__ = ("round", "dtype", "iterate", "delta", "change_count", "change_coding", "change_indices", "change_values", "aggregate_sum", "digest", "aggregate_zero")
@@ -140,6 +148,14 @@ class Round(_message.Message):
     digest: bytes
     aggregate_zero: bool
     def __init__(self, round: _Optional[int] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., iterate: _Optional[bytes] = ..., delta: _Optional[bool] = ..., change_count: _Optional[int] = ..., change_coding: _Optional[int] = ..., change_indices: _Optional[bytes] = ..., change_values: _Optional[bytes] = ..., aggregate_sum: _Optional[bytes] = ..., digest: _Optional[bytes] = ..., aggregate_zero: _Optional[bool] = ...) -> None: ...
+
+class Diverged(_message.Message):
+    __slots__ = ("round", "reason")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    reason: str
+    def __init__(self, round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Resync(_message.Message):
     __slots__ = ("round",)
