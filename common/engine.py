@@ -156,8 +156,8 @@ def plan(config: RunConfig) -> Plan:
     x0 = initial_iterate(config, d, whole)
     x0.setflags(write=False)  # shared, never copied, by every Aggregator of the plan
     return Plan(
-        config, resolved, d, gamma, smooth, x0, full.source, resolve_downlink(config, mechanism, d),
-        message_limit(config, d), chunk_bytes(config, d),
+        config, resolved, d, gamma, smooth, x0, full.source, downlink=resolve_downlink(config, mechanism, d),
+        message_limit=message_limit(config, d), chunk_bytes=chunk_bytes(config, d),
     )
 
 
@@ -213,6 +213,9 @@ def resolve_downlink(config: RunConfig, mechanism: Mechanism, d: int) -> str:
     return "delta" if changed < 0.5 * itemsize / 10 and not mechanism.worker_scales else "dense"
 
 
+Diagnostics = tuple[float, np.ndarray]  # f_i(x^t) and grad f_i(x^t), for the round's figures
+
+
 class WorkerNode:
     """One worker: its local problem and its mechanism state (the only state it keeps).
 
@@ -254,7 +257,7 @@ class WorkerNode:
 
     def round(
         self, t: int, x: np.ndarray, x64: np.ndarray | None = None
-    ) -> tuple[Message, tuple[float, np.ndarray] | None]:
+    ) -> tuple[Message, Diagnostics | None]:
         """Message for round t at iterate x^t, and (f_i(x^t), grad f_i(x^t)) on diagnostic rounds.
         `x64`: x in float64, where the caller has it already (read, never kept or changed)."""
         x64 = self._as_float64(x) if x64 is None else x64
@@ -336,8 +339,12 @@ class Aggregator:
         self._loss_sum = 0.0
         self._diag_count = 0
 
-    def apply(self, worker_id: int, message: Message) -> None:
-        """mirror_i <- message.apply(mirror_i), and the meters."""
+    def apply(self, worker_id: int, message: Message, diagnostics: Diagnostics | None = None) -> None:
+        """mirror_i <- message.apply(mirror_i), and the meters; `diagnostics` (f_i(x^t),
+        grad f_i(x^t)) are folded into the round's figures here, so that both transports add
+        them in worker-id order, as they add the messages."""
+        if diagnostics is not None:
+            self._add_diagnostics(*diagnostics)
         meter = self.meters[worker_id]
         meter.bits += message.bits()
         meter.value_bits += message.value_bits()
@@ -397,12 +404,8 @@ class Aggregator:
         in_two_threads(sum_block, self.d)
         self._resum = False
 
-    def add_diagnostics(self, loss: float, grad: np.ndarray) -> None:
-        """A worker's f_i(x^t) and grad f_i(x^t), for the round's figures (never in the bits).
-
-        Folded in at once, in any order: the coordinator adds them as they arrive, so it never
-        holds n gradients (the figures may then differ from the in-process engine's, which adds
-        in worker-id order, in the last bits; the iterates never do)."""
+    def _add_diagnostics(self, loss: float, grad: np.ndarray) -> None:
+        """A worker's f_i(x^t) and grad f_i(x^t), for the round's figures (never in the bits)."""
         if self._grad_sum is None:
             self._grad_sum = np.array(grad, dtype=np.float64)
         else:
@@ -420,13 +423,16 @@ class Aggregator:
         row: dict[str, float | int | None] = {"round": self.t}
         for worker_id in absent:
             self.meters[worker_id].absent += 1
-        if self._diag_count == self.n and self._grad_sum is not None:
-            grad_f = self._grad_sum / self.n
+        if self._diag_count and self._grad_sum is not None:
+            # Over the workers whose figures came (all n, but for an absent worker): the mean of
+            # their f_i and grad f_i, with their count beside it.
+            grad_f = self._grad_sum / self._diag_count
             row["grad_norm_sq"] = float(grad_f @ grad_f)
-            row["loss"] = self._loss_sum / self.n
+            row["loss"] = self._loss_sum / self._diag_count
         else:
             row["grad_norm_sq"] = None
             row["loss"] = None
+        row["diag_workers"] = self._diag_count
         row["bits_up_per_worker"] = sum(m.bits for m in self.meters) / self.n
         row["value_bits_up_per_worker"] = sum(m.value_bits for m in self.meters) / self.n
         row["skips"] = self.skips_round
@@ -591,9 +597,7 @@ def run_in_process(plan_: Plan, on_round: RoundCallback | None = None) -> RunRes
     for t in range(config.rounds):
         for node in nodes:
             message, diagnostics = node.round(t, agg.x)
-            agg.apply(node.worker_id, message)
-            if diagnostics is not None:
-                agg.add_diagnostics(*diagnostics)
+            agg.apply(node.worker_id, message, diagnostics)
         row = agg.finish_round()
         row.update(wire_bytes_up=None, wire_bytes_down=None, elapsed_s=time.perf_counter() - start)
         result.rows.append(row)

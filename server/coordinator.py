@@ -41,7 +41,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from threepc.common import codec
 from threepc.common import config as config_mod
-from threepc.common.engine import Aggregator, Plan, digest
+from threepc.common.engine import Aggregator, Diagnostics, Plan, digest
 from threepc.common.errors import (
     AuthError,
     DecodeError,
@@ -160,7 +160,7 @@ class Coordinator:
         self._collecting: int | None = None
         self._answered: set[int] = set()
         self._applied: list[int] = []
-        self._held: dict[int, Message] = {}
+        self._held: dict[int, tuple[Message, Diagnostics | None]] = {}
         self._cursor = 0
         self._passed: set[int] = set()  # late workers the order went past (reading on behind them)
         self._turn_moved = asyncio.Event()  # set (and replaced) when _collecting or _cursor moves
@@ -395,17 +395,16 @@ class Coordinator:
                     if r % self.config.diagnostics_every == 0:
                         pending = (r, decoded)
                     else:
-                        self._events.put_nowait((wid, "update", (r, decoded)))
+                        self._events.put_nowait((wid, "update", (r, decoded, None)))
                 elif kind == "diagnostics" and pending is not None:
                     r, decoded = pending
                     diag = codec.diagnostics_from_proto(message.diagnostics, d, r, wid, bulk)
                     pending = None
                     if r == self._collecting:
-                        # Its figures count now: the gradient (a d-vector per worker) is not held
-                        # while the update waits for its turn.
-                        self.agg.add_diagnostics(*diag)
+                        # Held with the update until its turn: figures are summed in worker-id
+                        # order, as the in-process engine sums them (equal bit for bit).
+                        self._events.put_nowait((wid, "update", (r, decoded, diag)))
                         del diag
-                        self._events.put_nowait((wid, "update", (r, decoded)))
                     else:
                         self._late(link, r)  # its round closed between the update and these
                 elif kind == "diagnostics" and message.diagnostics.round == dropped:
@@ -598,7 +597,7 @@ class Coordinator:
             if worker_id < self._cursor:  # the order passed it while it was gone
                 self._late(self.links[worker_id], t)
             else:
-                self._held[worker_id] = item[1]
+                self._held[worker_id] = item[1:]
 
     def _apply_in_order(self, t: int) -> None:
         """Apply the held updates of round t whose turn has come: the order moves past a worker
@@ -606,9 +605,9 @@ class Coordinator:
         n, start = self.config.workers, self._cursor
         while self._cursor < n:
             worker_id = self._cursor
-            message = self._held.pop(worker_id, None)
-            if message is not None:
-                self._apply(worker_id, message, t)
+            held = self._held.pop(worker_id, None)
+            if held is not None:
+                self._apply(worker_id, *held, t=t)
             else:
                 link = self.links.get(worker_id)
                 others = any(w.live for w in self.links.values()) or self._applied or self._held
@@ -619,8 +618,8 @@ class Coordinator:
         if self._cursor != start:
             self._move_turn()
 
-    def _apply(self, worker_id: int, message: Message, t: int) -> None:
-        self.agg.apply(worker_id, message)
+    def _apply(self, worker_id: int, message: Message, diagnostics: Diagnostics | None, t: int) -> None:
+        self.agg.apply(worker_id, message, diagnostics)
         self._applied.append(worker_id)
         link = self.links.get(worker_id)
         if link is not None:
@@ -656,7 +655,7 @@ class Coordinator:
         step, and write the round's row."""
         n = self.config.workers
         for worker_id in sorted(self._held):
-            self._apply(worker_id, self._held.pop(worker_id), t)
+            self._apply(worker_id, *self._held.pop(worker_id), t=t)
         applied = set(self._applied)
         absent = [i for i in range(n) if i not in applied]
         late = [i for i in absent if i in self.links and self.links[i].live]

@@ -45,8 +45,7 @@ def test_bits_are_the_payload_bits_the_method_specifies() -> None:
                 (part,) = message.parts
                 assert isinstance(part, SparseVector) and part.indices.size == 3
                 expected[node.worker_id] += 3 * 32 + bitpack.index_bits(part.indices, p.dim)
-            agg.apply(node.worker_id, message)
-            agg.add_diagnostics(*diag)
+            agg.apply(node.worker_id, message, diag)
         row = agg.finish_round()
         assert row["bits_up_per_worker"] == expected.mean()
         assert row["value_bits_up_per_worker"] == (32 * p.dim + t * 3 * 32)

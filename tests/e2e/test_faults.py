@@ -35,6 +35,7 @@ from threepc.common.engine import (
     load_shard,
     local_problem,
     plan,
+    run_in_process,
 )
 from threepc.server.coordinator import Coordinator, start_server
 from threepc.worker.client import WorkerOptions, run_worker
@@ -75,9 +76,7 @@ def reference_x(the_plan: Plan, rows: list[dict[str, Any]]) -> np.ndarray:
                 else:
                     node.restore(agg.mirrors[i], agg.x_prev)
             message, diagnostics = node.round(t, agg.x)
-            agg.apply(i, message)
-            if diagnostics is not None:
-                agg.add_diagnostics(*diagnostics)
+            agg.apply(i, message, diagnostics)
             synced[i] = t + 1
         agg.finish_round(sorted(absent))
     return agg.x
@@ -199,6 +198,11 @@ def test_updates_are_applied_in_worker_id_order_and_read_ahead_bounds_those_read
     assert seen == read_early
     assert all(r["absent_workers"] == [] for r in c.rows)
     assert np.array_equal(c.agg.x, reference_x(the_plan, c.rows))
+    # The figures too: worker 0's diagnostics come last but are summed first, as in process.
+    in_process = run_in_process(the_plan).rows
+    for key in ("grad_norm_sq", "loss"):
+        assert [r[key] for r in c.rows] == [r[key] for r in in_process]
+    assert all(r["diag_workers"] == 4 for r in c.rows)
 
 
 def test_a_straggler_before_unread_updates_is_passed_and_they_are_read() -> None:
