@@ -443,14 +443,18 @@ def sweep(config_file: str, grid: tuple[str, ...], tolerance: float, out: str, d
 @cli.command(context_settings=CONTEXT)
 @click.argument("metrics", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default="fig.png", show_default=True,
-              help="Figure file (.png or .svg).")
+              help="Figure file: .png (300 dpi), .svg or .pdf.")
 @click.option("--x", "x_axis", type=click.Choice(["bits", "value-bits", "wire-bytes", "rounds"]), default="bits",
-              show_default=True, help="x-axis: bits per worker (the papers'), or what crossed the wire.")
+              show_default=True, help="x-axis: bits per worker (the papers'), or what crossed the wire (log scale).")
 def plot(metrics: tuple[str, ...], out: str, x_axis: str) -> None:
-    """Draw ||grad f||^2 against bits per worker for METRICS files (one line per run, log scale)."""
+    """Draw ||grad f||^2 against bits per worker for METRICS files (one line per run, log scale),
+    each labelled from the summary.json beside it."""
     from threepc.server.plot import plot as draw
 
-    click.echo(f"wrote {draw([Path(m) for m in metrics], Path(out), x_axis)}")
+    path, notes = draw([Path(m) for m in metrics], Path(out), x_axis)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"wrote {path}")
 
 
 @cli.command(context_settings=CONTEXT)
