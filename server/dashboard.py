@@ -23,13 +23,25 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from threepc.common.errors import ConfigError
 from threepc.common.wire import CONTROL, DIAGNOSTICS, ROUND
 from threepc.server.coordinator import Coordinator
+from threepc.server.plot import describe
 
 STATIC = Path(__file__).parent / "static"
 CATEGORIES = (ROUND, DIAGNOSTICS, CONTROL)
@@ -50,9 +62,13 @@ def worker_state(coordinator: Coordinator, worker_id: int) -> dict[str, Any]:
     state: "waiting" (no stream yet), "joining" (joined, not ready), "connected",
     "gone" (its stream failed: `error` says why), "done" (the run finished with it).
     lag: rounds the coordinator has closed since this worker's last update was applied.
+    absent: rounds closed without its update; late and refused: its updates refused (too late
+    for their round; malformed or a duplicate); resyncs: dense iterates it asked for (None on a
+    coordinator that does not count them).
     """
     link = coordinator.links.get(worker_id)
     meter = coordinator.agg.meters[worker_id]
+    resyncs = _resyncs(coordinator)
     entry: dict[str, Any] = {
         "worker_id": worker_id,
         "state": "waiting",
@@ -65,6 +81,10 @@ def worker_state(coordinator: Coordinator, worker_id: int) -> dict[str, Any]:
         "value_bits": meter.value_bits,
         "messages": meter.messages,
         "skips": meter.skips,
+        "absent": meter.absent,
+        "late": coordinator.late[worker_id],
+        "refused": coordinator.refused[worker_id],
+        "resyncs": resyncs[worker_id] if resyncs is not None else None,
         "up_bytes": dict.fromkeys(CATEGORIES, 0),
         "down_bytes": dict.fromkeys(CATEGORIES, 0),
     }
@@ -87,6 +107,12 @@ def worker_state(coordinator: Coordinator, worker_id: int) -> dict[str, Any]:
         down_bytes={c: link.meter.sent.get(c, 0) for c in CATEGORIES},
     )
     return entry
+
+
+def _resyncs(coordinator: Coordinator) -> list[int] | None:
+    # Counted per worker by coordinators that rate-limit Resync (issue 19, item 10); read
+    # defensively so that the dashboard serves a coordinator without the count too.
+    return getattr(coordinator, "resyncs", None)
 
 
 def snapshot(
@@ -115,7 +141,13 @@ def snapshot(
     if with_config:
         plan = coordinator.plan
         state["config"] = coordinator.config.model_dump(mode="json")
-        state["plan"] = {"dim": plan.dim, "gamma": plan.gamma, "dataset": plan.dataset}
+        state["plan"] = {
+            "dim": plan.dim,
+            "gamma": plan.gamma,
+            "dataset": plan.dataset,
+            "stand_in": plan.stand_in,  # the page says "synthetic stand-in" in a banner
+            "downlink": plan.downlink,
+        }
     return state
 
 
@@ -159,6 +191,11 @@ class CoordinatorCollector(Collector):
                 "Seconds since round 0 started.",
                 time.perf_counter() - c.started_at,
             )
+        yield gauge(
+            "threepc_workers_gone",
+            "Workers whose stream failed and who have not rejoined.",
+            sum(w["state"] == "gone" for w in workers),
+        )
         if latest is not None:
             yield gauge(
                 "threepc_grad_norm_sq",
@@ -168,6 +205,27 @@ class CoordinatorCollector(Collector):
             yield gauge(
                 "threepc_loss", "f(x^t) at the latest round with diagnostics.", latest["loss"]
             )
+            if latest.get("diag_workers") is not None:
+                yield gauge(
+                    "threepc_diagnostics_workers",
+                    "Workers whose figures grad_norm_sq and loss are over (n when none is missing).",
+                    latest["diag_workers"],
+                )
+        plan = c.plan
+        yield InfoMetricFamily(
+            "threepc_run",
+            "The run: method, compressor, n, d, downlink, the data trained on, and whether that "
+            "is a synthetic stand-in for a named data set that was not found.",
+            value={
+                "method": describe(c.config.method.model_dump(mode="json")),
+                "compressor": describe(c.config.compressor.model_dump(mode="json")),
+                "n": str(c.config.workers),
+                "d": str(plan.dim),
+                "downlink": plan.downlink,
+                "data": plan.dataset,
+                "stand_in": str(plan.stand_in).lower(),
+            },
+        )
 
         per_worker: list[tuple[str, str, str]] = [
             (
@@ -182,7 +240,22 @@ class CoordinatorCollector(Collector):
             ),
             ("threepc_updates", "Update messages applied.", "messages"),
             ("threepc_skips", "Updates that were skips (lazy methods).", "skips"),
+            (
+                "threepc_absent",
+                "Rounds closed without the worker's update (it was late or gone).",
+                "absent",
+            ),
+            ("threepc_late", "Updates refused because their round had closed.", "late"),
+            (
+                "threepc_refused",
+                "Messages refused as malformed (or a second update for a round), never applied.",
+                "refused",
+            ),
         ]
+        if _resyncs(c) is not None:
+            per_worker.append(
+                ("threepc_resyncs", "Dense iterates sent on the worker's Resync.", "resyncs")
+            )
         for name, doc, key in per_worker:
             family = CounterMetricFamily(name, doc, labels=["worker"])
             for w in workers:
@@ -310,6 +383,10 @@ def make_app(coordinator: Coordinator, *, interval_s: float = 0.25) -> web.Appli
     app = web.Application()
     registry = CollectorRegistry(auto_describe=True)
     registry.register(CoordinatorCollector(coordinator))
+    # The coordinator process itself (CPU, memory, open files; Python's version), in this
+    # registry: the global one would mix in whatever else the process imported.
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
     app[_COORDINATOR] = coordinator
     app[_REGISTRY] = registry
     app[_STOPPING] = asyncio.Event()

@@ -50,6 +50,8 @@ def _coordinator() -> Coordinator:
         c.links[i] = WorkerLink(i, peer, meter=meter, rows=20, ready=True)
         c.agg.meters[i].bits, c.agg.meters[i].messages, c.agg.meters[i].skips = 200 + i, 5, i
     c.links[0].last_round, c.links[1].last_round = 4, 1
+    c.refused[1], c.late[0] = 2, 1
+    c.agg.meters[1].absent, c.agg.meters[2].absent = 3, 5
     c.links[1].error = TransportError("worker 1 closed its stream")
     c.rows.extend(_row(t) for t in range(5))
     c.agg.t = 5
@@ -86,6 +88,12 @@ def test_snapshot_has_the_rows_since_and_each_workers_state() -> None:
     assert workers[1]["error"] == "worker 1 closed its stream"
     assert workers[0]["up_bytes"] == {ROUND: 1005, DIAGNOSTICS: 505, CONTROL: 15}
     assert workers[0]["down_bytes"] == {ROUND: 2005, DIAGNOSTICS: 0, CONTROL: 0}
+    assert [(w["absent"], w["late"], w["refused"]) for w in workers] == [
+        (0, 1, 0),
+        (3, 0, 2),
+        (5, 0, 0),
+    ]
+    assert state["plan"]["stand_in"] is False and state["plan"]["downlink"] == c.plan.downlink
     c.finished.set()
     assert [w["state"] for w in snapshot(c)["workers"]] == ["done", "gone", "waiting"]
     assert snapshot(c)["elapsed_s"] == pytest.approx(0.04)  # the run's, frozen once it has ended
@@ -152,9 +160,41 @@ def test_metrics_are_the_coordinators_meters_in_a_registry_of_its_own() -> None:
         assert samples[("threepc_grad_norm_sq", ())] == pytest.approx(1 / 5)
         assert samples[("threepc_workers_connected", ())] == 1
         assert samples[("threepc_worker_lag_rounds", (("worker", "1"),))] == 3
+        for name, values in [
+            ("threepc_refused_total", [0, 2, 0]),
+            ("threepc_late_total", [1, 0, 0]),
+            ("threepc_absent_total", [0, 3, 5]),
+        ]:
+            assert [samples[(name, (("worker", str(i)),))] for i in range(3)] == values, name
+        assert not any(name == "threepc_resyncs_total" for name, _ in samples)
+        assert samples[("threepc_workers_gone", ())] == 1
+        info = {
+            "compressor": "top_k(k=1)",
+            "d": "5",
+            "data": c.plan.dataset,
+            "downlink": c.plan.downlink,
+            "method": "ef21",
+            "n": "3",
+            "stand_in": "false",
+        }
+        assert samples[("threepc_run_info", tuple(sorted(info.items())))] == 1
+        assert samples[("process_cpu_seconds_total", ())] > 0
         assert (
             REGISTRY.get_sample_value("threepc_round") is None
         )  # the global registry is untouched
+
+    _serve(test)
+
+
+def test_resyncs_are_exported_where_the_coordinator_counts_them() -> None:
+    async def test(c: Coordinator, base: str, session: aiohttp.ClientSession) -> None:
+        c.resyncs = [0, 4, 1]  # type: ignore[attr-defined]  # counted by item 10's coordinator
+        async with session.get(f"{base}/metrics") as r:
+            families = {f.name: f for f in text_string_to_metric_families(await r.text())}
+        assert families["threepc_resyncs"].type == "counter"
+        assert [s.value for s in families["threepc_resyncs"].samples] == [0, 4, 1]
+        async with session.get(f"{base}/api/state") as r:
+            assert [w["resyncs"] for w in (await r.json())["workers"]] == [0, 4, 1]
 
     _serve(test)
 
