@@ -10,12 +10,16 @@ const COLORS = { up: "#2f6fde", down: "#12a150", diag: "#c98a04", payload: "#7a5
 const run = {
   n: 1,
   planned: 0,
-  cols: { round: [], bits: [], grad: [], up: [], down: [], diag: [], dUp: [], dDown: [], dPayload: [], skip: [], skipMean: [] },
+  config: null,
+  cols: { round: [], bits: [], grad: [], gradPartial: [], up: [], down: [], diag: [], dUp: [], dDown: [], dPayload: [], skip: [], skipMean: [] },
   prev: { bits_up_per_worker: 0, wire_bytes_up: 0, wire_bytes_down: 0 },
   skipWindow: [],
   skipTotal: 0,
   last: null, // the latest row
   lastGrad: null, // the latest row with diagnostics
+  // Rounds whose figures are over fewer than n workers (some sent no diagnostics: gone, late):
+  // how many, the first and last, where the current run of them began, and over how many now.
+  partial: { rounds: 0, first: null, last: null, since: null, now: null },
   events: 0,
 };
 
@@ -27,6 +31,9 @@ function addRows(rows) {
     c.bits.push(row.bits_up_per_worker);
     const g = row.grad_norm_sq;
     c.grad.push(g != null && g > 0 ? g : null); // a log scale has no place for 0
+    const partial = g != null && row.diag_workers != null && row.diag_workers < run.n;
+    c.gradPartial.push(partial && g > 0 ? g : null);
+    if (g != null) notePartial(row, partial);
     c.up.push(row.wire_bytes_up);
     c.down.push(row.wire_bytes_down);
     c.diag.push(row.diag_bytes_up);
@@ -43,6 +50,19 @@ function addRows(rows) {
     run.last = row;
     if (g != null) run.lastGrad = row;
   }
+}
+
+function notePartial(row, partial) {
+  const p = run.partial;
+  if (!partial) {
+    p.now = null;
+    return;
+  }
+  if (p.now == null) p.since = row.round;
+  if (p.first == null) p.first = row.round;
+  p.rounds += 1;
+  p.last = row.round;
+  p.now = row.diag_workers;
 }
 
 // ---------------------------------------------------------------- formatting
@@ -121,10 +141,17 @@ function createCharts() {
   charts = [
     makeChart(
       "chart-grad",
-      [{ label: "bits / worker", value: (u, v) => bits(v) }, line("‖∇f‖²", COLORS.grad, { spanGaps: true, value: (u, v) => sci(v) })],
+      [
+        { label: "bits / worker", value: (u, v) => bits(v) },
+        line("‖∇f‖²", COLORS.grad, { spanGaps: true, value: (u, v) => sci(v) }),
+        // Rounds whose figures miss some workers' diagnostics, marked on the line.
+        line(`over fewer than ${run.n} workers`, COLORS.diag, {
+          value: (u, v) => sci(v), paths: uPlot.paths.points(), points: { show: true, size: 5, fill: COLORS.diag },
+        }),
+      ],
       [axis("bits sent per worker", bits), axis("‖∇f(x)‖²", (v) => sci(v, 0), { size: 64, splits: decades, filter: (u, splits) => splits })],
       { y: { distr: 3 } },
-      () => [c.bits, c.grad],
+      () => [c.bits, c.grad, c.gradPartial],
     ),
     makeChart(
       "chart-cumulative",
@@ -184,6 +211,12 @@ function describe(component) {
 function showConfig(state) {
   const cfg = state.config;
   const plan = state.plan;
+  const standIn = $("stand-in");
+  standIn.hidden = !plan.stand_in;
+  if (plan.stand_in) {
+    standIn.textContent = `Synthetic stand-in: the data set "${cfg.data.dataset}" was not found, and the workers ` +
+      `train on ${plan.dataset}. These figures are not that data set's.`;
+  }
   $("summary").textContent = [
     describe(cfg.method),
     describe(cfg.compressor),
@@ -191,9 +224,9 @@ function showConfig(state) {
     `n = ${cfg.workers}`,
     `d = ${plan.dim}`,
     `γ = ${plan.gamma.toPrecision(3)}`,
-    plan.dataset,
+    plan.stand_in ? `${plan.dataset} (synthetic stand-in)` : plan.dataset,
   ].join(" · ");
-  document.title = `threepc · ${cfg.method.name} · ${cfg.compressor.name}`;
+  document.title = `threepc · ${plan.stand_in ? "synthetic stand-in · " : ""}${cfg.method.name} · ${cfg.compressor.name}`;
   const list = $("config");
   list.replaceChildren();
   const add = (key, value) => {
@@ -220,7 +253,7 @@ function runState(state) {
 function showWorkers(workers) {
   const body = $("workers").tBodies[0];
   body.replaceChildren();
-  const total = { bits: 0, skips: 0, messages: 0, up: 0, diag: 0, down: 0, control: 0 };
+  const total = { bits: 0, skips: 0, messages: 0, absent: 0, late: 0, refused: 0, resyncs: null, up: 0, diag: 0, down: 0, control: 0 };
   for (const w of workers) {
     const tr = el("tr");
     tr.dataset.worker = w.worker_id;
@@ -237,6 +270,10 @@ function showWorkers(workers) {
       el("td", int(w.bits), "num"),
       el("td", perRound == null ? "–" : perRound.toFixed(1), "num"),
       el("td", w.messages ? `${int(w.skips)} (${pct(w.skips / w.messages)})` : "–", "num"),
+      el("td", int(w.absent), w.absent ? "num warn" : "num"),
+      el("td", int(w.late), w.late ? "num warn" : "num"),
+      el("td", int(w.refused), w.refused ? "num warn" : "num"),
+      el("td", int(w.resyncs), "num"),
       el("td", bytes(w.up_bytes.round), "num"),
       el("td", bytes(w.up_bytes.diagnostics), "num"),
       el("td", bytes(w.down_bytes.round), "num"),
@@ -245,14 +282,20 @@ function showWorkers(workers) {
     body.append(tr);
     if (w.error) {
       const err = el("tr");
-      const td = el("td", `worker #${w.worker_id}: ${w.error}`, "error");
-      td.colSpan = 13;
+      // Gone since its last applied update: absent from the round after it.
+      const from = (w.last_round ?? -1) + 1;
+      const td = el("td", `worker #${w.worker_id} is gone, absent from round ${int(from)}: ${w.error}`, "error");
+      td.colSpan = body.closest("table").tHead.rows[0].cells.length;
       err.append(td);
       body.append(err);
     }
     total.bits += w.bits;
     total.skips += w.skips;
     total.messages += w.messages;
+    total.absent += w.absent;
+    total.late += w.late;
+    total.refused += w.refused;
+    if (w.resyncs != null) total.resyncs = (total.resyncs ?? 0) + w.resyncs;
     total.up += w.up_bytes.round;
     total.diag += w.up_bytes.diagnostics;
     total.down += w.down_bytes.round;
@@ -265,7 +308,10 @@ function showWorkers(workers) {
     el("td", "all"), el("td"), el("td"), el("td"), el("td"), el("td"),
     el("td", int(total.bits), "num"), el("td"),
     el("td", total.messages ? `${int(total.skips)} (${pct(total.skips / total.messages)})` : "–", "num"),
-    el("td", bytes(total.up), "num"), el("td", bytes(total.diag), "num"),
+    el("td", int(total.absent), "num"), el("td", int(total.late), "num"),
+    el("td", int(total.refused), "num"), el("td", int(total.resyncs), "num"),
+    el("td", bytes(total.up), "num"),
+    el("td", total.diag ? `${bytes(total.diag)} (${pct(total.diag / (total.diag + total.up))})` : bytes(total.diag), "num"),
     el("td", bytes(total.down), "num"), el("td", bytes(total.control), "num"),
   );
   foot.append(tr);
@@ -294,7 +340,10 @@ function show(state) {
 
   const g = run.lastGrad;
   $("grad").textContent = g ? sci(g.grad_norm_sq) : "–";
-  $("loss").textContent = g ? `f(x) = ${g.loss.toPrecision(6)}, round ${int(g.round)}` : "";
+  const fewer = g && g.diag_workers != null && g.diag_workers < run.n;
+  $("loss").textContent = !g ? "" : `f(x) = ${g.loss.toPrecision(6)}, round ${int(g.round)}` +
+    (fewer ? ` · over ${g.diag_workers} of ${run.n} workers` : "");
+  $("loss").classList.toggle("warn", Boolean(fewer));
   const c = run.cols;
   const k = c.round.length - 1;
   $("bits").textContent = last ? bits(last.bits_up_per_worker) : "–";
@@ -303,6 +352,7 @@ function show(state) {
   $("wire-up-round").textContent = last ? `+${bytes(c.dUp[k])} last round; diagnostics ${bytes(last.diag_bytes_up)}` : "";
   $("wire-down").textContent = last ? bytes(last.wire_bytes_down) : "–";
   $("wire-down-round").textContent = last ? `+${bytes(c.dDown[k])} last round; control ${bytes(last.control_bytes)} (both ways)` : "";
+  showDiagnostics(last);
   const updates = run.n * c.round.length;
   $("skip-rate").textContent = updates ? pct(run.skipTotal / updates) : "–";
   $("skip-note").textContent = !updates ? "" : run.skipTotal ? `${int(run.skipTotal)} of ${int(updates)} updates` : "no update skipped";
@@ -324,7 +374,43 @@ function show(state) {
   banner.hidden = !lines.length;
   banner.className = phase === "finished" && !gone.length ? "banner ok" : "banner";
   banner.textContent = lines.join(" ");
+  showPartial();
   redraw();
+}
+
+// What diagnostics cost: a dense float64 gradient per worker each diagnostics round, often
+// many times the method's own uplink, so it is said next to the totals.
+function showDiagnostics(last) {
+  const diag = last ? last.diag_bytes_up : null;
+  const up = last ? last.wire_bytes_up : null;
+  const tile = $("diag-share");
+  tile.parentElement.classList.toggle("warn", diag != null && up != null && diag > up);
+  if (diag == null || up == null) {
+    tile.textContent = "–";
+    $("diag-note").textContent = last ? "not metered (in-process run)" : "";
+    return;
+  }
+  tile.textContent = diag + up ? pct(diag / (diag + up)) : "–";
+  const every = run.config.diagnostics_every;
+  $("diag-note").textContent = !diag ? "none sent" :
+    `${bytes(diag)}, ${up ? `${(diag / up).toFixed(1)}× the method's uplink` : "the method sent none"}` +
+    ` · figures every ${every === 1 ? "round" : `${every} rounds`} (diagnostics_every)`;
+}
+
+function showPartial() {
+  const p = run.partial;
+  const note = $("figures-note");
+  note.hidden = !p.rounds;
+  if (!p.rounds) return;
+  const marked = "marked in amber on the ‖∇f‖² chart";
+  if (p.now != null) {
+    const earlier = p.rounds > p.last - p.since + 1 ? `; ${int(p.rounds)} such rounds in all, the first ${int(p.first)}` : "";
+    note.textContent = `Figures over ${p.now} of ${run.n} workers from round ${int(p.since)}: ‖∇f‖² and f(x) ` +
+      `are the mean over the workers whose diagnostics came, not the whole f's (${marked}${earlier}).`;
+  } else {
+    note.textContent = `Figures were over fewer than ${run.n} workers in ${int(p.rounds)} rounds, ` +
+      `from round ${int(p.first)} to ${int(p.last)} (${marked}).`;
+  }
 }
 
 // ---------------------------------------------------------------- the feed
@@ -367,6 +453,7 @@ async function main() {
     return;
   }
   run.n = state.config.workers;
+  run.config = state.config;
   run.planned = state.rounds_planned;
   showConfig(state);
   addRows(state.rows);

@@ -8,6 +8,7 @@ skips with that reason when one is missing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -42,8 +43,10 @@ T = TypeVar("T")
 class LiveRun:
     """A Coordinator, its gRPC server and its dashboard in an event loop on a background thread."""
 
-    def __init__(self, config: dict[str, Any]):
-        self.plan = plan(config_mod.parse(config))
+    def __init__(self, config: dict[str, Any], *, stand_in: bool = False):
+        # stand_in: the plan of a run whose named data set was not found (the data loader marks
+        # it so); here the synthetic set is marked by hand, as the page only reads the flag.
+        self.plan = dataclasses.replace(plan(config_mod.parse(config)), stand_in=stand_in)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(
             target=self.loop.run_forever, name="coordinator", daemon=True
@@ -79,6 +82,9 @@ class LiveRun:
                 "received": dict(link.meter.received),
                 "bits": c.agg.meters[i].bits,
                 "skips": c.agg.meters[i].skips,
+                "absent": c.agg.meters[i].absent,
+                "refused": c.refused[i],
+                "late": c.late[i],
             }
             for i, link in c.links.items()
         }
@@ -139,9 +145,11 @@ def _get(url: str) -> tuple[str, str]:
         return response.headers.get("Content-Type", ""), response.read().decode()
 
 
-def _start_workers(run: LiveRun, logs: Path) -> list[subprocess.Popen]:
+def _start_workers(
+    run: LiveRun, logs: Path, ids: list[int] | None = None, *extra: str
+) -> list[subprocess.Popen]:
     procs = []
-    for i in range(run.plan.config.workers):
+    for i in range(run.plan.config.workers) if ids is None else ids:
         with open(logs / f"worker-{i}.log", "wb") as log:
             procs.append(
                 subprocess.Popen(
@@ -153,6 +161,7 @@ def _start_workers(run: LiveRun, logs: Path) -> list[subprocess.Popen]:
                         f"127.0.0.1:{run.grpc_port}",
                         "--worker-id",
                         str(i),
+                        *extra,
                     ],
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -218,6 +227,10 @@ def test_dashboard_follows_a_real_run(tmp_path: Path) -> None:
             for tr in browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr[data-worker]")
         ]
         assert states == ["done", "done"]
+        # A healthy run on the data it names: no stand-in banner, no figures over fewer workers.
+        assert not browser.find_element(By.ID, "stand-in").is_displayed()
+        assert not browser.find_element(By.ID, "figures-note").is_displayed()
+        assert browser.find_element(By.ID, "diag-share").text.endswith("%")
 
         screenshot = tmp_path / "dashboard.png"
         assert browser.save_screenshot(str(screenshot))
@@ -258,6 +271,143 @@ def test_dashboard_follows_a_real_run(tmp_path: Path) -> None:
         state = json.loads(_get(f"{base}/api/state?since={rounds - 10}")[1])
         assert [row["round"] for row in state["rows"]] == list(range(rounds - 10, rounds))
         assert state["finished"] and state["config"]["compressor"] == {"name": "top_k", "k": 2}
+    finally:
+        browser.quit()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        run.close()
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _column(browser: Any, worker: int, header: str) -> str:
+    """The text of the workers table's cell of `worker` under `header`."""
+    from selenium.webdriver.common.by import By
+
+    headers = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#workers thead th")]
+    cells = browser.find_elements(By.CSS_SELECTOR, f'#workers tr[data-worker="{worker}"] td')
+    return cells[headers.index(header)].text
+
+
+def test_a_stand_in_a_refused_worker_and_a_late_one_are_on_the_page_and_in_metrics(
+    tmp_path: Path,
+) -> None:
+    """Worker 1 sends a malformed update in round 0 and is gone for good; worker 0 is late in
+    round 5; the data is marked a synthetic stand-in. The page and /metrics say each of these."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.e2e.test_security import RawClient, dense_update
+
+    config = {**CONFIG, "rounds": 200, "round_timeout_s": 0.5}
+    browser = _chrome(tmp_path / "chromium-profile")
+    run = LiveRun(config, stand_in=True)
+    procs: list[subprocess.Popen] = []
+    try:
+        base = f"http://127.0.0.1:{run.port}"
+        browser.get(f"{base}/")
+        wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+        body = browser.find_element(By.TAG_NAME, "body")
+        wait.until(lambda b: body.get_attribute("data-state") == "waiting")
+        banner = browser.find_element(By.ID, "stand-in")
+        assert banner.is_displayed() and banner.text.startswith("Synthetic stand-in:")
+        assert run.plan.dataset in banner.text
+        assert "(synthetic stand-in)" in browser.find_element(By.ID, "summary").text
+
+        procs = _start_workers(run, tmp_path, [0], "--throttle", "1.0", "--throttle-round", "5")
+
+        async def hostile() -> None:
+            raw = RawClient(f"127.0.0.1:{run.grpc_port}")
+            first = await raw.join(1, dim=run.plan.dim)
+            assert first.WhichOneof("kind") == "round" and first.round.round == 0
+            await raw.send(dense_update(0, 1, b"\x00" * 12))  # not d values: malformed
+            await raw.status()
+            await raw.close()
+
+        asyncio.run(hostile())
+        wait.until(
+            lambda b: body.get_attribute("data-state") == "finished",
+            message=f"the page never showed the run finished\n{_worker_logs(tmp_path)}",
+        )
+        assert procs[0].wait(30) == 0, _worker_logs(tmp_path)
+        run.call(run.wait_done())
+        meters = run.call(run.meters())
+        rows = run.coordinator.rows
+
+        # The figures are over worker 0 alone from round 0, and the page says so.
+        assert all(r["diag_workers"] <= 1 for r in rows)
+        note = browser.find_element(By.ID, "figures-note")
+        assert note.is_displayed() and note.text.startswith(
+            "Figures over 1 of 2 workers from round 0:"
+        ), note.text
+        states = [
+            tr.get_attribute("data-state")
+            for tr in browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr[data-worker]")
+        ]
+        assert states == ["done", "gone"]
+        error = browser.find_element(By.CSS_SELECTOR, "#workers td.error").text
+        assert error.startswith("worker #1 is gone, absent from round 0:")
+        absent_0 = sum(0 in r["absent_workers"] for r in rows)
+        assert absent_0 >= 1 and meters["0"]["late"] >= 1  # its round-5 update came too late
+        assert [_column(browser, 1, h) for h in ("Refused", "Absent")] == ["1", f"{len(rows):,}"]
+        assert [_column(browser, 0, h) for h in ("Late", "Absent")] == [
+            f"{meters['0']['late']:,}",
+            f"{absent_0:,}",
+        ]
+        # What diagnostics cost, beside the totals: the share of all bytes up.
+        last = rows[-1]
+        diag, up = last["diag_bytes_up"], last["wire_bytes_up"]
+        assert browser.find_element(By.ID, "diag-share").text == f"{100 * diag / (diag + up):.1f} %"
+        tile = browser.find_element(By.ID, "diag-share").find_element(By.XPATH, "..")
+        assert ("warn" in tile.get_attribute("class").split()) == (diag > up)
+        screenshot = tmp_path / "dashboard-lost.png"
+        assert browser.save_screenshot(str(screenshot))
+        shutil.copyfile(screenshot, SCREENSHOT_FOR_LEAD.with_name("threepc-dashboard-lost.png"))
+
+        # /metrics counts the same, per worker, and names the run.
+        samples = _samples(_get(f"{base}/metrics")[1])
+        for worker in ("0", "1"):
+            labels = (("worker", worker),)
+            for name, key in [
+                ("threepc_refused_total", "refused"),
+                ("threepc_late_total", "late"),
+                ("threepc_absent_total", "absent"),
+            ]:
+                assert samples[(name, labels)] == meters[worker][key], (name, worker)
+        assert samples[("threepc_refused_total", (("worker", "1"),))] == 1
+        assert samples[("threepc_absent_total", (("worker", "1"),))] == len(rows)
+        resyncs = getattr(run.coordinator, "resyncs", None)
+        if resyncs is not None:  # counted by coordinators that rate-limit Resync
+            assert samples[("threepc_resyncs_total", (("worker", "0"),))] == resyncs[0]
+        info = [labels for (name, labels) in samples if name == "threepc_run_info"]
+        assert [dict(labels) for labels in info] == [
+            {
+                "method": "ef21",
+                "compressor": "top_k(k=2)",
+                "n": "2",
+                "d": "20",
+                "downlink": run.plan.downlink,
+                "data": run.plan.dataset,
+                "stand_in": "true",
+            }
+        ]
+        assert samples[("threepc_run_info", info[0])] == 1
+        assert samples[("threepc_workers_gone", ())] == 1
+        assert samples[("threepc_diagnostics_workers", ())] == 1
+        # The coordinator process itself, from the dashboard's registry.
+        assert samples[("process_resident_memory_bytes", ())] > 0
+        assert samples[("process_cpu_seconds_total", ())] > 0
+        assert any(name == "python_info" for name, _ in samples)
     finally:
         browser.quit()
         for p in procs:
