@@ -181,3 +181,21 @@ def test_plot_of_wire_bytes_says_why_an_in_process_run_has_none(tmp_path: Path) 
     )
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
     assert "an in-process run sends nothing over the wire: draw it with --x bits" in r.stderr
+
+
+def test_plot_says_where_the_figures_are_over_fewer_workers(
+    distributed_sweep: Path, tmp_path: Path
+) -> None:
+    rows = read_rows(distributed_sweep / "compressor-k=2")
+    for row in rows[5:]:
+        row["diag_workers"] = 1  # as a run writes them once worker 1 is lost in round 5
+    run = tmp_path / "lost"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (run / "summary.json").write_bytes(
+        (distributed_sweep / "compressor-k=2" / "summary.json").read_bytes()
+    )
+    _, notes = draw([run / "metrics.jsonl"])
+    assert notes == [
+        f"EF21 / top_k(k=2): grad_norm_sq over 1 of 2 workers from round 5 ({len(rows) - 5} rounds)"
+    ]
