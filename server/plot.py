@@ -8,6 +8,7 @@ folder's name; lines are ordered by those labels, numbers compared as numbers.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,17 +174,20 @@ def draw(paths: list[Path], x: str = "bits", y: str = "grad_norm_sq") -> tuple[F
                 else ""
             )
             raise ConfigError(f"{run.path}: no rows with both {axis.key} and {y}{why}")
-        # Log axes have no place for 0 or less: such points are left out, and the user told.
-        kept = [r for r in rows if (r[axis.key] > 0 or not axis.log) and r[y] > 0]
+        # Log axes have no place for 0 or less (nor a diverged run's inf or NaN): such points
+        # are left out, and the user told.
+        kept = [
+            r for r in rows if (not axis.log or 0 < r[axis.key] < math.inf) and 0 < r[y] < math.inf
+        ]
         if len(kept) < len(rows):
             dropped = sorted({r["round"] for r in rows} - {r["round"] for r in kept})
             where = f"{axis.key} or {y}" if axis.log else y
             notes.append(
                 f"{name}: {len(dropped)} round(s) left out, from round {dropped[0]}: "
-                f"{where} <= 0 has no place on a log axis"
+                f"{where} at or below 0, or not finite, has no place on a log axis"
             )
         if not kept:
-            raise ConfigError(f"{run.path}: no rows with {axis.key} and {y} above 0 to draw")
+            raise ConfigError(f"{run.path}: no rows with finite {axis.key} and {y} above 0 to draw")
         n = (run.config or {}).get("workers")
         fewer = [r for r in kept if n and 0 < (r.get("diag_workers") or n) < n]
         if fewer and y in ("grad_norm_sq", "loss"):

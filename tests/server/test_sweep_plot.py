@@ -148,6 +148,7 @@ def test_plot_leaves_out_points_a_log_axis_cannot_hold_and_says_so(
 ) -> None:
     rows = read_rows(distributed_sweep / "compressor-k=2")
     rows[0]["wire_bytes_up"] = 0  # a file whose first row metered nothing
+    rows[-1]["grad_norm_sq"] = float("inf")  # and whose last round diverged
     run = tmp_path / "zero"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -156,15 +157,15 @@ def test_plot_leaves_out_points_a_log_axis_cannot_hold_and_says_so(
     )
     fig, notes = draw([run / "metrics.jsonl"], "wire-bytes")
     (line,) = fig.axes[0].get_lines()
-    assert list(line.get_xdata()) == [row["wire_bytes_up"] for row in rows[1:]]
+    assert list(line.get_xdata()) == [row["wire_bytes_up"] for row in rows[1:-1]]
     assert notes == [
-        "EF21 / top_k(k=2): 1 round(s) left out, from round 0:"
-        + " wire_bytes_up or grad_norm_sq <= 0 has no place on a log axis"
+        "EF21 / top_k(k=2): 2 round(s) left out, from round 0: wire_bytes_up or grad_norm_sq"
+        + " at or below 0, or not finite, has no place on a log axis"
     ]
     r = threepc(
         "plot", str(run / "metrics.jsonl"), "--x", "wire-bytes", "--out", str(tmp_path / "f.png")
     )
-    assert r.returncode == 0 and "note: EF21 / top_k(k=2): 1 round(s) left out" in r.stderr
+    assert r.returncode == 0 and "note: EF21 / top_k(k=2): 2 round(s) left out" in r.stderr
 
 
 def test_plot_of_wire_bytes_says_why_an_in_process_run_has_none(tmp_path: Path) -> None:
