@@ -5,7 +5,11 @@
                  >= `?since=N` (default 0), so that the page fetches increments
     /events      Server-Sent Events: every `interval_s`, the rows since the last event and the
                  workers' state; the stream ends with the event that says the run has finished
-    /metrics     Prometheus text exposition from this dashboard's own CollectorRegistry
+    /metrics     Prometheus text exposition from this dashboard's own CollectorRegistry: per
+                 worker, threepc_{payload_bits,payload_value_bits,updates,skips,absent,late,
+                 refused,resyncs}_total and threepc_wire_{received,sent}_bytes_total{category};
+                 the run's round, figures, workers connected and gone; threepc_run_info; and the
+                 process's own process_* and python_info
     /healthz     "ok"
 
 Nothing here writes to the coordinator. Every handler runs in the loop that owns the

@@ -123,6 +123,7 @@ def _chrome(profile: Path) -> Any:
         )
     options = webdriver.ChromeOptions()
     options.binary_location = browser
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's own errors
     for flag in [
         "--headless",
         "--no-sandbox",
@@ -232,6 +233,7 @@ def test_dashboard_follows_a_real_run(tmp_path: Path) -> None:
         assert not browser.find_element(By.ID, "figures-note").is_displayed()
         assert browser.find_element(By.ID, "diag-share").text.endswith("%")
 
+        assert _page_errors(browser) == []
         screenshot = tmp_path / "dashboard.png"
         assert browser.save_screenshot(str(screenshot))
         shutil.copyfile(screenshot, SCREENSHOT_FOR_LEAD)
@@ -278,6 +280,11 @@ def test_dashboard_follows_a_real_run(tmp_path: Path) -> None:
                 p.kill()
                 p.wait()
         run.close()
+
+
+def _page_errors(browser: Any) -> list[str]:
+    """What the page logged as an error (a script that threw leaves part of the page stale)."""
+    return [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -370,6 +377,7 @@ def test_a_stand_in_a_refused_worker_and_a_late_one_are_on_the_page_and_in_metri
         assert browser.find_element(By.ID, "diag-share").text == f"{100 * diag / (diag + up):.1f} %"
         tile = browser.find_element(By.ID, "diag-share").find_element(By.XPATH, "..")
         assert ("warn" in tile.get_attribute("class").split()) == (diag > up)
+        assert _page_errors(browser) == []
         screenshot = tmp_path / "dashboard-lost.png"
         assert browser.save_screenshot(str(screenshot))
         shutil.copyfile(screenshot, SCREENSHOT_FOR_LEAD.with_name("threepc-dashboard-lost.png"))
