@@ -315,6 +315,7 @@ def test_a_stand_in_a_refused_worker_and_a_late_one_are_on_the_page_and_in_metri
     from selenium.webdriver.support.ui import WebDriverWait
 
     from tests.e2e.test_security import RawClient, dense_update
+    from threepc.proto.threepc_pb2 import Join, Ready, WorkerMessage
 
     config = {**CONFIG, "rounds": 200, "round_timeout_s": 0.5}
     browser = _chrome(tmp_path / "chromium-profile")
@@ -335,7 +336,12 @@ def test_a_stand_in_a_refused_worker_and_a_late_one_are_on_the_page_and_in_metri
 
         async def hostile() -> None:
             raw = RawClient(f"127.0.0.1:{run.grpc_port}")
-            first = await raw.join(1, dim=run.plan.dim)
+            await raw.send(WorkerMessage(join=Join(requested_id=1)))
+            assert (await raw.receive()).WhichOneof("kind") == "welcome"
+            # Its shard described as the run's own (synthetic): only its update is malformed.
+            ready = Ready(rows=200, dimension=run.plan.dim, synthetic=True, data_source="synthetic")
+            await raw.send(WorkerMessage(ready=ready))
+            first = await raw.receive()
             assert first.WhichOneof("kind") == "round" and first.round.round == 0
             await raw.send(dense_update(0, 1, b"\x00" * 12))  # not d values: malformed
             await raw.status()
