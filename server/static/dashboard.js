@@ -408,8 +408,9 @@ function showPartial() {
     note.textContent = `Figures over ${p.now} of ${run.n} workers from round ${int(p.since)}: ‖∇f‖² and f(x) ` +
       `are the mean over the workers whose diagnostics came, not the whole f's (${marked}${earlier}).`;
   } else {
-    note.textContent = `Figures were over fewer than ${run.n} workers in ${int(p.rounds)} rounds, ` +
-      `from round ${int(p.first)} to ${int(p.last)} (${marked}).`;
+    const where = p.rounds === 1 ? `in round ${int(p.first)}` :
+      `in ${int(p.rounds)} rounds, from round ${int(p.first)} to ${int(p.last)}`;
+    note.textContent = `Figures were over fewer than ${run.n} workers ${where} (${marked}).`;
   }
 }
 
