@@ -206,8 +206,12 @@ def _report(summary: dict, out: str) -> int:
     if final and final.get("wire_bytes_up") is not None:
         workers = summary.get("per_worker", [])
         if workers and all("meters_agree" in w for w in workers):
-            verdict = "agree" if all(w["meters_agree"] for w in workers) else "DISAGREE"
+            # A worker killed mid-run wrote no meter: nothing to compare, which is not a disagreement.
+            silent = [w["worker_id"] for w in workers if w.get("worker_meter") is None]
+            verdict = "agree" if all(w["meters_agree"] for w in workers if w["worker_id"] not in silent) else "DISAGREE"
             check = f"; coordinator and worker meters {verdict}"
+            if silent:
+                check += f" (workers {', '.join(map(str, silent))} left none)"
         else:
             check = " (as the coordinator metered them)"
         click.echo(f"wire bytes up {final['wire_bytes_up']:,}, down {final['wire_bytes_down']:,}{check}")
@@ -227,7 +231,9 @@ def _report_lost(summary: dict) -> int:
     for worker_id, loss in sorted(last.items()):
         again = f" ({times[worker_id]} times; the last)" if times[worker_id] > 1 else ""
         if loss["rejoined_at_round"] is None:
-            click.echo(f"worker {worker_id} lost at round {loss['lost_at_round']}{again} (never came back): {loss['error']}")
+            code = f" (its process exited with code {loss['exit_code']})" if "exit_code" in loss else ""
+            click.echo(f"worker {worker_id} lost at round {loss['lost_at_round']}{again} (never came back): "
+                       f"{loss['error']}{code}")
         else:
             click.echo(f"worker {worker_id} lost at round {loss['lost_at_round']}{again}, back at round "
                        f"{loss['rejoined_at_round']} ({loss['absent_rounds']} rounds without it)")

@@ -392,6 +392,7 @@ def test_threepc_run_goes_on_when_a_worker_dies_and_says_so_at_the_end(tmp_path:
     assert f"worker 1 lost at round {lost['lost_at_round']} (never came back): " in stdout
     assert f"figures from round {since} on are over 2 of 3 workers" in stdout
     assert "round 60/60" in stdout and "2/3 workers  ||grad f||^2" in stdout  # the progress line
+    assert "coordinator and worker meters agree (workers 1 left none)" in stdout  # it was killed
 
 
 # ---------------------------------------------------------------------- a diverging run (processes)
