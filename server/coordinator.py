@@ -94,8 +94,9 @@ READ_AHEAD = 4  # else this many past the one the order waits for (Coordinator._
 JOIN_BYTES = 4096  # a Join (id, token, version) is far smaller: a larger first message is refused unread
 JOIN_TIMEOUT_S = 10.0  # an honest worker sends its Join as its stream opens
 # A worker loads its shard and builds its problem between Welcome and Ready (seconds at d = 1e7);
-# one slower than this is refused and rejoins at once, with its shard already loaded.
-READY_TIMEOUT_S = 30.0
+# one slower than this is refused and rejoins at once, with its shard already loaded. Well under
+# a worker's --connect-timeout (60 s), for which a worker refused a taken slot retries.
+READY_TIMEOUT_S = 20.0
 DIVERGED_WHAT = ("gradient", "loss", "update")  # what a Diverged message may say was not finite
 
 
