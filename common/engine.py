@@ -24,7 +24,7 @@ import xxhash
 
 from threepc.common import data as data_mod
 from threepc.common.config import Component, RunConfig
-from threepc.common.errors import ConfigError, DivergedError
+from threepc.common.errors import ConfigError, DivergedError, WorkerDivergedError
 from threepc.common.mechanisms import Mechanism, WorkerState
 from threepc.common.methods import Smoothness, build_method, stepsize
 from threepc.common.oracles import make_oracle
@@ -262,16 +262,34 @@ class WorkerNode:
         `x64`: x in float64, where the caller has it already (read, never kept or changed)."""
         x64 = self._as_float64(x) if x64 is None else x64
         r = round_randomness(self.config.seed, t, self.worker_id, self.config.workers)
-        grad, self.oracle_state = self.oracle.estimate(self.oracle_state, self.problem, x64, r)
-        if self.state is None:
-            message, self.state = self.mechanism.first(grad, r)
-        else:
-            message, self.state = self.mechanism.step(self.state, grad, r)
-        diagnostics = None
-        if t % self.config.diagnostics_every == 0:
-            full_grad = grad if self.oracle.exact else self.problem.grad(x64)
-            diagnostics = (self.problem.loss(x64), full_grad)
+        # Overflow is not a warning here: each result is checked, and a non-finite one ends the
+        # run with the worker named (x^t may still be finite where grad f_i(x^t) is not), in place
+        # of a message no decoder would take (over gRPC the worker sends Diverged instead).
+        with np.errstate(over="ignore", invalid="ignore"):
+            grad, self.oracle_state = self.oracle.estimate(self.oracle_state, self.problem, x64, r)
+            if not np.isfinite(grad).all():
+                raise WorkerDivergedError(t, self.worker_id, "gradient")
+            if self.state is None:
+                message, self.state = self.mechanism.first(grad, r)
+            else:
+                message, self.state = self.mechanism.step(self.state, grad, r)
+            if not all(_finite_values(part) for part in message.parts):
+                raise WorkerDivergedError(t, self.worker_id, "update")  # past the value dtype's range
+            diagnostics = None
+            if t % self.config.diagnostics_every == 0:
+                full_grad = grad if self.oracle.exact else self.problem.grad(x64)
+                diagnostics = (self.problem.loss(x64), full_grad)
+                if not np.isfinite(diagnostics[0]):
+                    raise WorkerDivergedError(t, self.worker_id, "loss")
+                if full_grad is not grad and not np.isfinite(full_grad).all():
+                    raise WorkerDivergedError(t, self.worker_id, "gradient")
         return message, diagnostics
+
+
+def _finite_values(part: object) -> bool:
+    """Whether a payload part's float values (where it has them) are all finite."""
+    values = getattr(part, "values", None)
+    return not (isinstance(values, np.ndarray) and values.dtype.kind == "f") or bool(np.isfinite(values).all())
 
 
 @dataclass

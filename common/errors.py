@@ -5,10 +5,13 @@
     ├── DataError            a data set cannot be found, read or split as asked
     ├── DecodeError          a message from the wire is malformed or inconsistent
     ├── ProtocolError        a peer broke the round protocol (wrong round, unknown worker, ...)
+    │   ├── SlotTakenError   the worker id asked for is held by another stream (retry later)
+    │   └── DeadlineError    a peer did not send what the protocol expects in time (Join, Ready)
     ├── AuthError            a peer failed authentication (missing or wrong join token)
     ├── MismatchError        a worker's data does not fit the run (dimension, rows)
     ├── TransportError       the other end cannot be reached or went away
     ├── DivergedError        the iterate stopped being finite (stepsize too large)
+    │   └── WorkerDivergedError  a worker's own gradient, loss or update stopped being finite
     └── RunFinishedError     a worker joined a run that has already finished
 
 Each maps to one gRPC status code in `threepc.server.status` (a test checks that every class
@@ -36,6 +39,15 @@ class ProtocolError(ThreePCError):
     """A peer broke the round protocol."""
 
 
+class SlotTakenError(ProtocolError):
+    """The worker id asked for (or every id) is held by another stream; it may free up (a peer that
+    never gets ready loses its slot at the Ready deadline), so a worker retries."""
+
+
+class DeadlineError(ProtocolError):
+    """A peer did not send what the protocol expects next (its Join, its Ready) in time."""
+
+
 class AuthError(ThreePCError):
     """A peer failed authentication."""
 
@@ -50,6 +62,15 @@ class TransportError(ThreePCError):
 
 class DivergedError(ThreePCError, ArithmeticError):
     """The iterate stopped being finite: the stepsize is too large for this run."""
+
+
+class WorkerDivergedError(DivergedError):
+    """Worker `worker_id`'s `what` ("gradient", "loss" or "update") at round `round` is not finite:
+    the same line in process and over gRPC (where the worker says so with a Diverged message)."""
+
+    def __init__(self, round: int, worker_id: int, what: str):
+        self.round, self.worker_id, self.what = round, worker_id, what
+        super().__init__(f"the run diverged at round {round}: worker {worker_id}'s {what} is not finite")
 
 
 class RunFinishedError(ThreePCError):

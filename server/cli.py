@@ -19,6 +19,12 @@ from threepc.common.errors import ThreePCError
 from threepc.common.memory import keep_freed_memory, keep_round_buffers
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+LOST_WORKERS = 3  # exit code: the run finished, but a worker was lost and never came back
+EXIT_CODES = """\b
+Exit codes: 0 the run finished; 1 an error, in one line on stderr (a run that diverged too: its
+rows are kept in metrics.jsonl); 3 the run finished but a worker was lost and never came back,
+so the figures of the rounds after are over fewer workers (summary.json: lost_workers);
+143 stopped by SIGTERM."""
 
 
 @click.group(context_settings=CONTEXT)
@@ -65,8 +71,9 @@ def config_options(f: Any) -> Any:
 class Progress:
     """A progress bar with the round, ||grad f||^2 and bits sent (quiet: nothing)."""
 
-    def __init__(self, rounds: int, quiet: bool):
+    def __init__(self, rounds: int, quiet: bool, workers: int = 0):
         self.quiet = quiet
+        self.workers = workers
         if quiet:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -83,7 +90,11 @@ class Progress:
         if self.quiet:
             return
         g = row.get("grad_norm_sq")
-        figures = f"||grad f||^2 {g:.3e}" if g is not None else ""
+        # Workers whose figures the row holds (diagnostic rounds), else those whose update came;
+        # first, where a narrow terminal cuts nothing of it.
+        present = row.get("diag_workers") if g is not None else self.workers - row.get("absent", 0)
+        figures = f"{present}/{self.workers} workers  " if present is not None and present < self.workers else ""
+        figures += f"||grad f||^2 {g:.3e}" if g is not None else ""
         figures += f"  bits/worker {row['bits_up_per_worker']:.4g}"
         if row.get("wire_bytes_up") is not None:
             figures += f"  wire up {row['wire_bytes_up']:,} B down {row['wire_bytes_down']:,} B"
@@ -94,7 +105,7 @@ class Progress:
             self.bar.stop()
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, epilog=EXIT_CODES)
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/latest", show_default=True,
               help="Folder for metrics.jsonl and summary.json.")
@@ -112,7 +123,8 @@ def run(
 
     Writes OUT/metrics.jsonl (one row per round: round, grad_norm_sq, loss, bits_up_per_worker,
     value_bits_up_per_worker, wire_bytes_up, wire_bytes_down, elapsed_s, ...) and
-    OUT/summary.json (config, final figures, per-worker totals as both ends metered them).
+    OUT/summary.json (config, final figures, per-worker totals as both ends metered them,
+    the workers lost mid-run).
     """
     from threepc.common.engine import plan, run_in_process
     from threepc.server.launch import Terminated, run_local
@@ -121,7 +133,7 @@ def run(
     config = config_mod.load(config_file, _overrides(workers, rounds, seed))
     the_plan = plan(config)
     log = RunLog(out)
-    progress = Progress(config.rounds, quiet)
+    progress = Progress(config.rounds, quiet, config.workers)
 
     def on_round(row: dict) -> None:
         log.write_row(row)
@@ -156,7 +168,9 @@ def run(
         progress.stop()
     summary = _summary("in-process" if in_process else "distributed", the_plan, rows, started, extra)
     log.close(summary, x_final)
-    _report(summary, out)
+    code = _report(summary, out)
+    if code:
+        sys.exit(code)
 
 
 def _announce(port: int) -> None:
@@ -179,7 +193,8 @@ def _summary(mode: str, the_plan: Any, rows: list[dict], started: float, extra: 
     }
 
 
-def _report(summary: dict, out: str) -> None:
+def _report(summary: dict, out: str) -> int:
+    """The run's figures in a few lines; the exit code they call for (0, or LOST_WORKERS)."""
     first, final = summary.get("first"), summary.get("final")
     click.echo(f"{summary['mode']} run: {summary['rounds']} rounds in {summary['elapsed_s']:.1f} s -> {out}")
     if first and final and first.get("grad_norm_sq") is not None and final.get("grad_norm_sq") is not None:
@@ -191,14 +206,45 @@ def _report(summary: dict, out: str) -> None:
     if final and final.get("wire_bytes_up") is not None:
         workers = summary.get("per_worker", [])
         if workers and all("meters_agree" in w for w in workers):
-            verdict = "agree" if all(w["meters_agree"] for w in workers) else "DISAGREE"
+            # A worker killed mid-run wrote no meter: nothing to compare, which is not a disagreement.
+            silent = [w["worker_id"] for w in workers if w.get("worker_meter") is None]
+            verdict = "agree" if all(w["meters_agree"] for w in workers if w["worker_id"] not in silent) else "DISAGREE"
             check = f"; coordinator and worker meters {verdict}"
+            if silent:
+                check += f" (workers {', '.join(map(str, silent))} left none)"
         else:
             check = " (as the coordinator metered them)"
         click.echo(f"wire bytes up {final['wire_bytes_up']:,}, down {final['wire_bytes_down']:,}{check}")
+    return _report_lost(summary)
 
 
-@cli.command(context_settings=CONTEXT)
+def _report_lost(summary: dict) -> int:
+    """A line per worker lost mid-run (and whose figures the last rows lack); LOST_WORKERS if one
+    never came back."""
+    last: dict[int, dict] = {}
+    times: dict[int, int] = {}
+    for loss in summary.get("lost_workers", []):
+        last[loss["worker_id"]] = loss
+        times[loss["worker_id"]] = times.get(loss["worker_id"], 0) + 1
+    n = summary["config"]["workers"]
+    final = summary.get("final") or {}
+    for worker_id, loss in sorted(last.items()):
+        again = f" ({times[worker_id]} times; the last)" if times[worker_id] > 1 else ""
+        if loss["rejoined_at_round"] is None:
+            code = f" (its process exited with code {loss['exit_code']})" if "exit_code" in loss else ""
+            click.echo(f"worker {worker_id} lost at round {loss['lost_at_round']}{again} (never came back): "
+                       f"{loss['error']}{code}")
+        else:
+            click.echo(f"worker {worker_id} lost at round {loss['lost_at_round']}{again}, back at round "
+                       f"{loss['rejoined_at_round']} ({loss['absent_rounds']} rounds without it)")
+    since = summary.get("figures_partial_since")
+    if since is not None and final.get("grad_norm_sq") is not None:
+        click.echo(f"figures from round {since} on are over {final['diag_workers']} of {n} workers")
+    gone = [i for i, loss in last.items() if loss["rejoined_at_round"] is None]
+    return LOST_WORKERS if gone else 0
+
+
+@cli.command(context_settings=CONTEXT, epilog=EXIT_CODES)
 @click.argument("config_file", type=click.Path(dir_okay=False), required=False)
 @click.option("--listen", default="0.0.0.0:50051", show_default=True, envvar="THREEPC_LISTEN",
               help="Address:port to serve on (or THREEPC_LISTEN).")
@@ -263,7 +309,7 @@ def serve(
     log = RunLog(out)
     for row in resumed[1] if resumed else []:
         log.write_row(row)  # the rows before the checkpoint; later ones are dropped
-    progress = Progress(config.rounds, quiet)
+    progress = Progress(config.rounds, quiet, config.workers)
 
     def on_round(row: dict) -> None:
         log.write_row(row)
@@ -274,12 +320,14 @@ def serve(
         click.echo(f"coordinator listening on port {port}; waiting for {config.workers} workers{at}", err=True)
 
     started = time.perf_counter()
+    exit_code = 0
 
     def on_finished(coordinator: Any) -> None:
+        nonlocal exit_code
         progress.stop()
         summary = _summary("distributed", the_plan, coordinator.rows, started, coordinator_summary(coordinator))
         log.close(summary, coordinator.agg.x)
-        _report(summary, out)
+        exit_code = _report(summary, out)
         if linger:
             click.echo("run finished; lingering until SIGTERM (--linger)", err=True)
 
@@ -297,6 +345,8 @@ def serve(
         sys.exit(143)
     finally:
         progress.stop()
+    if exit_code:
+        sys.exit(exit_code)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -324,7 +374,12 @@ def worker(
     reconnect_timeout: float, tls_ca: str | None, throttle: float, throttle_round: tuple[int, ...],
     report: str | None, linger: bool,
 ) -> None:
-    """Join the coordinator at HOST:PORT and train until the run is done."""
+    """Join the coordinator at HOST:PORT and train until the run is done.
+
+    Refused because its worker id is taken (or too slow to get ready), it retries with backoff
+    for --connect-timeout seconds. Exit codes: 0 the run ended (finished, or ended by the
+    coordinator: a run that diverged is reported by `serve`/`run`, and here in one line); 1 an
+    error, in one line on stderr."""
     import os
 
     # gRPC's own log lines (e.g. each failed TLS handshake) would bury the one-line error;
@@ -341,6 +396,8 @@ def worker(
     summary = asyncio.run(run_worker(options))
     if summary.get("finished_before_joining"):
         click.echo("worker: the run had already finished; nothing to do", err=True)
+    elif summary.get("ended", "finished") != "finished":
+        click.echo(f"worker {summary['worker_id']}: the coordinator ended the run: {summary['ended']}", err=True)
     else:
         click.echo(f"worker {summary['worker_id']}: {summary['rounds']} rounds done", err=True)
     if linger:

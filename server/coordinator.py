@@ -19,6 +19,16 @@ Faults (DESIGN.md, "The round protocol"):
   x^{t-1}) before its next Round; an update for a closed round is refused and counted (`late`).
 - A malformed message is refused and counted (`refused`), never applied; its stream is ended
   with INVALID_ARGUMENT and the worker may rejoin with the same id.
+- Before its token is checked a stream holds next to nothing: its first message must be a Join
+  of at most JOIN_BYTES, never chunked, sent within `join_timeout_s`; and a worker that joined
+  must be ready within `ready_timeout_s` (its slot is freed then; a worker refused a taken slot
+  retries). A worker gets at most one resync (a dense round t again) per round: the rest are
+  refused and counted.
+- A worker whose own gradient, loss or update is no longer finite sends Diverged for its round;
+  taken in worker-id order like an update, it ends the run as the in-process engine ends it
+  (`WorkerDivergedError`, the same line), and every worker gets Done with that reason.
+- A worker whose stream ends mid-run is lost (`losses`: when, why, and when it rejoined): the
+  run's summary and report name every worker lost and not back.
 - `checkpoint()` writes the state that must survive (server/checkpoint.py); `request_stop()`
   (SIGTERM) lets the open round finish (or abandons it if none of its updates was applied yet),
   writes a checkpoint and ends the run with `Stopped`.
@@ -41,15 +51,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from threepc.common import codec
 from threepc.common import config as config_mod
-from threepc.common.engine import Aggregator, Diagnostics, Plan, digest
+from threepc.common.engine import CHUNK_FRAMING, Aggregator, Diagnostics, Plan, digest
 from threepc.common.errors import (
     AuthError,
+    DeadlineError,
     DecodeError,
+    DivergedError,
     MismatchError,
     ProtocolError,
     RunFinishedError,
+    SlotTakenError,
     ThreePCError,
     TransportError,
+    WorkerDivergedError,
 )
 from threepc.common.payloads import Message, value_bits
 from threepc.common.splice import Bulk
@@ -77,6 +91,19 @@ VERSION = "0.1.0"
 Frames = tuple[str, list[bytes]]  # a message's category and the gRPC messages that carry it
 IN_TRANSIT_BYTES = 64 << 20  # n dense updates up to this size are all read as they come
 READ_AHEAD = 4  # else this many past the one the order waits for (Coordinator._turn_of), or fewer
+JOIN_BYTES = 4096  # a Join (id, token, version) is far smaller: a larger first message is refused unread
+JOIN_TIMEOUT_S = 10.0  # an honest worker sends its Join as its stream opens
+# A worker loads its shard and builds its problem between Welcome and Ready (seconds at d = 1e7);
+# one slower than this is refused and rejoins at once, with its shard already loaded. Well under
+# a worker's --connect-timeout (60 s), for which a worker refused a taken slot retries.
+READY_TIMEOUT_S = 20.0
+DIVERGED_WHAT = ("gradient", "loss", "update")  # what a Diverged message may say was not finite
+
+
+def frame_limit(plan: Plan) -> int:
+    """The largest gRPC message an honest worker sends: a chunk (wire.chunk_bytes) and its framing;
+    anything larger it sends in chunks."""
+    return plan.chunk_bytes + CHUNK_FRAMING
 
 
 def read_ahead(config: config_mod.RunConfig, d: int) -> int:
@@ -114,6 +141,17 @@ class WorkerLink:
         return self.ready and self.error is None
 
 
+@dataclass
+class Loss:
+    """A ready worker's stream ended mid-run: when (the round then open, or next), why, and the
+    round at which the worker was back (None: not yet)."""
+
+    worker_id: int
+    lost_at_round: int
+    error: str
+    rejoined_at_round: int | None = None
+
+
 RowCallback = Callable[[dict], None]
 
 
@@ -123,8 +161,9 @@ class Coordinator:
     State by role:
     - the method: `agg` (iterate, mirrors, bit meters: everything `Aggregator.state_dict` holds);
     - the workers: `links` (the current stream of each worker id), `wire` (each worker's wire
-      meter, kept across its streams), `refused` (malformed messages) and `late` (updates that
-      came after their round closed) per worker;
+      meter, kept across its streams), `refused` (malformed messages, resyncs past one a round)
+      and `late` (updates that came after their round closed) per worker, `resyncs` (dense
+      rounds sent again on a worker's request), `losses` (streams that ended mid-run);
     - the round being collected: `_collecting` (its t, or None between rounds), `_answered`,
       `_applied` (worker ids, in order), `_held` (updates waiting for a lower id's), `_cursor`
       (the lowest id the order has not passed), `_passed` (late workers it went past),
@@ -140,8 +179,13 @@ class Coordinator:
         on_round: RowCallback | None = None,
         token: str = "",
         checkpoint_dir: Path | None = None,
+        *,
+        join_timeout_s: float = JOIN_TIMEOUT_S,
+        ready_timeout_s: float = READY_TIMEOUT_S,
     ):
         self.plan = plan
+        self.join_timeout_s = join_timeout_s
+        self.ready_timeout_s = ready_timeout_s
         self.token = token  # a deployment secret, never part of the run's config
         self.config = plan.config
         self.agg = Aggregator(plan)
@@ -152,6 +196,8 @@ class Coordinator:
         self.wire: dict[int, Meter] = {}
         self.refused = [0] * n
         self.late = [0] * n
+        self.resyncs = [0] * n
+        self.losses: list[Loss] = []
         self.all_ready = asyncio.Event()
         self.finished = asyncio.Event()
         self.rows: list[dict] = []
@@ -170,6 +216,8 @@ class Coordinator:
         self._dense_frames: Frames | None = None
         self.delta = plan.downlink == "delta"
         self._refused_round = 0
+        self._resyncs_round = 0
+        self._resynced: dict[int, int] = {}  # worker id -> the round of the last resync it was sent
         self._events: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
         self._stop = asyncio.Event()
         self._over = False  # Done is on its way: a stream that ends now ends normally
@@ -216,7 +264,7 @@ class Coordinator:
     async def train(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         """One worker's whole life: Join -> Welcome -> Ready -> rounds -> Done."""
         meter = Meter()
-        inbound = Reassembler(ProtoWorkerMessage, meter, self.plan.message_limit)
+        inbound = Reassembler(ProtoWorkerMessage, meter, JOIN_BYTES)  # raised once the token is checked
         holder: list[WorkerLink] = []
         try:
             async with aborting_on_error(context):
@@ -232,40 +280,42 @@ class Coordinator:
         self, context: grpc.aio.ServicerContext, inbound: Reassembler, meter: Meter, holder: list[WorkerLink]
     ) -> None:
         """Join -> Welcome -> Ready, then write this worker's frames until the run ends."""
-        join = await self._expect(context, inbound, "join")
+        try:
+            join = await asyncio.wait_for(self._join(context, inbound), self.join_timeout_s)
+        except TimeoutError:
+            raise DeadlineError(f"no Join within {self.join_timeout_s:g} s of the stream's start") from None
         # Before anything else of this stream is read: no token, no gradient.
         if self.token and not hmac.compare_digest(join.join.token.encode(), self.token.encode()):
             raise AuthError("join token missing or wrong")
         if self.finished.is_set():
             raise RunFinishedError(f"the run has finished ({self.agg.t} rounds); there is nothing to join")
+        inbound.max_bytes = self.plan.message_limit
         link = self._register(join.join.requested_id, context.peer(), meter)
         inbound.meter = link.meter
         holder.append(link)
+        t0 = self.agg.t
         try:
-            t0 = self.agg.t
-            message, bulk = ProtoCoordinatorMessage(), Bulk()
-            welcome = message.welcome
-            welcome.worker_id = link.worker_id
-            welcome.n_workers = self.config.workers
-            welcome.config_json = self._config_json
-            welcome.start_round = t0
-            state = self._mirror_of(link.worker_id)
-            if state is not None:
-                codec.fill_restore(welcome.restore, t0, state, "welcome.restore", bulk)
-            link.synced_round = t0
-            await self._send(context, link, message, bulk)
-            del message, bulk, welcome, state
-            ready = (await self._expect(context, inbound, "ready")).ready
+            # The Welcome's write too: a peer that reads nothing would hold it (and its slot) forever.
+            ready = await asyncio.wait_for(self._welcome(context, inbound, link, t0), self.ready_timeout_s)
             if ready.dimension != self.plan.dim:
                 raise MismatchError(
                     f"worker {link.worker_id} has dimension {ready.dimension}, the run's is {self.plan.dim}"
                 )
+        except TimeoutError:
+            holder.clear()
+            self._free(link)
+            log.warning("worker %d: no Ready within %g s; its slot is free", link.worker_id, self.ready_timeout_s)
+            raise DeadlineError(
+                f"worker {link.worker_id}: no Ready within {self.ready_timeout_s:g} s of its Join; its slot was freed"
+            ) from None
         except BaseException:
             holder.clear()
-            if self.links.get(link.worker_id) is link:
-                del self.links[link.worker_id]  # free the slot of a worker that never got ready
+            self._free(link)
             raise
         link.rows, link.ready = ready.rows, True
+        for loss in self.losses:
+            if loss.worker_id == link.worker_id and loss.rejoined_at_round is None:
+                loss.rejoined_at_round = t0
         rejoined = t0 > 0 or self.agg.meters[link.worker_id].messages > 0
         log.log(
             logging.WARNING if rejoined and self.all_ready.is_set() else logging.INFO,
@@ -288,6 +338,44 @@ class Coordinator:
         if link.error is not None:
             raise link.error
 
+    def _free(self, link: WorkerLink) -> None:
+        """Free the slot of a worker that never got ready."""
+        if self.links.get(link.worker_id) is link:
+            del self.links[link.worker_id]
+
+    async def _welcome(
+        self, context: grpc.aio.ServicerContext, inbound: Reassembler, link: WorkerLink, t0: int
+    ) -> Any:
+        """Send the Welcome (the worker's state from the mirror, if it has one); its Ready."""
+        message, bulk = ProtoCoordinatorMessage(), Bulk()
+        welcome = message.welcome
+        welcome.worker_id = link.worker_id
+        welcome.n_workers = self.config.workers
+        welcome.config_json = self._config_json
+        welcome.start_round = t0
+        state = self._mirror_of(link.worker_id)
+        if state is not None:
+            codec.fill_restore(welcome.restore, t0, state, "welcome.restore", bulk)
+        link.synced_round = t0
+        await self._send(context, link, message, bulk)
+        del message, bulk, welcome, state
+        return (await self._expect(context, inbound, "ready")).ready
+
+    async def _join(self, context: grpc.aio.ServicerContext, inbound: Reassembler) -> ProtoWorkerMessage:
+        """The stream's first message, a Join: read whole before anything else of the stream, so a
+        peer without the token gets nothing buffered past JOIN_BYTES (no chunks, no large frame)."""
+        data = await self._read(context)
+        if data is grpc.aio.EOF:
+            raise ProtocolError("stream ended while waiting for join")
+        if len(data) > JOIN_BYTES:
+            raise DecodeError(f"join: the first message has {len(data)} bytes; a Join has at most {JOIN_BYTES}")
+        received = inbound.feed(data)  # a chunk's buffer is bounded by JOIN_BYTES too
+        if received is None:
+            raise DecodeError("join: the first message is a chunk; a Join is never chunked")
+        if received.message.WhichOneof("kind") != "join":
+            raise ProtocolError(f"expected join, got {received.message.WhichOneof('kind')}")
+        return received.message
+
     async def _read(self, context: grpc.aio.ServicerContext) -> Any:
         """The next gRPC message of a stream (or EOF), refused if over the run's size limit.
 
@@ -295,9 +383,12 @@ class Coordinator:
         RESOURCE_EXHAUSTED; those between the limit and twice it are refused here, and counted.
         """
         data = await context.read()
-        limit = self.plan.message_limit
+        limit = frame_limit(self.plan)
         if data is not grpc.aio.EOF and len(data) > limit:
-            raise DecodeError(f"message: {len(data)} bytes, over the limit of {limit} bytes (wire.max_message_bytes)")
+            raise DecodeError(
+                f"message: {len(data)} bytes, over the limit of {limit} bytes (wire.chunk_bytes and a chunk's framing; "
+                "larger messages travel in chunks)"
+            )
         return data
 
     async def _expect(self, context: grpc.aio.ServicerContext, inbound: Reassembler, kind: str) -> ProtoWorkerMessage:
@@ -322,14 +413,15 @@ class Coordinator:
 
         if requested >= n:
             raise ProtocolError(f"worker id {requested} outside [0, {n})")
+        # A slot frees up when its stream ends or misses the Ready deadline: the worker retries.
         if requested >= 0:
             worker_id = requested
             if taken(worker_id):
-                raise ProtocolError(f"worker id {worker_id} is already taken")
+                raise SlotTakenError(f"worker id {worker_id} is already taken")
         else:
             free = [i for i in range(n) if not taken(i)]
             if not free:
-                raise ProtocolError(f"all {n} worker slots are taken")
+                raise SlotTakenError(f"all {n} worker slots are taken")
             worker_id = free[0]
         persistent = self.wire.setdefault(worker_id, Meter())
         _merge(persistent, meter)  # the Join this stream has read so far
@@ -360,6 +452,7 @@ class Coordinator:
         link.error = error
         link.outbox.put_nowait(None)
         if not self.finished.is_set():
+            self.losses.append(Loss(link.worker_id, self.agg.t, str(error)))
             log.warning("worker %d is gone: %s", link.worker_id, error)
             self._events.put_nowait((link.worker_id, "gone", None))
 
@@ -409,13 +502,33 @@ class Coordinator:
                         self._late(link, r)  # its round closed between the update and these
                 elif kind == "diagnostics" and message.diagnostics.round == dropped:
                     continue
+                elif kind == "diverged" and pending is None:
+                    # Its own gradient (or loss, or update) is not finite: in its turn, as its update would be.
+                    r = last = message.diverged.round
+                    what = message.diverged.reason
+                    if what not in DIVERGED_WHAT:
+                        raise DecodeError(f"diverged.reason: expected one of {', '.join(DIVERGED_WHAT)}, got {what[:40]!r}")
+                    if self._open_for(wid, r):
+                        self._answered.add(wid)
+                        self._events.put_nowait((wid, "update", (r, WorkerDivergedError(r, wid, what), None)))
                 elif kind == "resync":
                     # Its rebuilt iterate missed the digest: round t again, densely (if still open).
-                    if message.resync.round == self._collecting:
-                        log.warning("worker %d: digest mismatch in round %d; sending x densely", wid, message.resync.round)
-                        category, data = self._dense_round(message.resync.round)
-                        for frame in data:
-                            link.outbox.put_nowait((category, frame))
+                    r = message.resync.round
+                    if r != self._collecting:
+                        continue  # its Round of the next round is dense (the worker follows no longer)
+                    if self._resynced.get(wid) == r:
+                        # An honest worker asks once: the dense round has no digest to miss.
+                        self.refused[wid] += 1
+                        self._refused_round += 1
+                        log.warning("worker %d: refused a second resync for round %d", wid, r)
+                        continue
+                    self._resynced[wid] = r
+                    self.resyncs[wid] += 1
+                    self._resyncs_round += 1
+                    log.warning("worker %d: digest mismatch in round %d; sending x densely", wid, r)
+                    category, data = self._dense_round(r)
+                    for frame in data:
+                        link.outbox.put_nowait((category, frame))
                 else:
                     raise ProtocolError(f"unexpected {kind} from worker {wid} in round {self.agg.t}")
         except DecodeError as err:
@@ -478,6 +591,13 @@ class Coordinator:
         except _StopRequested:
             stopped = self.checkpoint() or Path("(no checkpoint dir)")
             raise checkpoint_mod.Stopped(self.agg.t, stopped) from None
+        except DivergedError as err:
+            # The run is over, as it would be in process: every worker is told why, and its
+            # stream ends normally (a worker has nothing to rejoin).
+            self._over = True
+            self._broadcast(ProtoCoordinatorMessage(done=ProtoDone(rounds=self.agg.t, reason=str(err))))
+            await self._drained()
+            raise
         except ThreePCError as err:
             failure = err  # the workers learn why the run ended (e.g. DivergedError)
             raise
@@ -618,7 +738,9 @@ class Coordinator:
         if self._cursor != start:
             self._move_turn()
 
-    def _apply(self, worker_id: int, message: Message, diagnostics: Diagnostics | None, t: int) -> None:
+    def _apply(self, worker_id: int, message: Message | DivergedError, diagnostics: Diagnostics | None, t: int) -> None:
+        if isinstance(message, DivergedError):
+            raise message  # in worker-id order, as the in-process engine meets it
         self.agg.apply(worker_id, message, diagnostics)
         self._applied.append(worker_id)
         link = self.links.get(worker_id)
@@ -666,7 +788,8 @@ class Coordinator:
         row["absent_workers"] = absent
         row["late_workers"] = late
         row["refused"] = self._refused_round
-        self._refused_round = 0
+        row["resyncs"] = self._resyncs_round
+        self._refused_round = self._resyncs_round = 0
         row.update(self.wire_totals())
         row["elapsed_s"] = time.perf_counter() - (self.started_at or 0.0)
         self.rows.append(row)
@@ -722,8 +845,10 @@ async def start_server(
 
     `credentials` (threepc.common.tls.server_credentials): serve TLS instead of plaintext.
     """
-    limit = coordinator.plan.message_limit
-    # Twice the run's limit at the gRPC layer, so that the coordinator sees (and counts) what it refuses.
+    limit = frame_limit(coordinator.plan)
+    # Twice the frame limit at the gRPC layer, so that the coordinator sees (and counts) what it
+    # refuses; not the whole message limit: gRPC buffers a message whole before a read returns it,
+    # and a stream's first message is read before its token is known.
     options = [
         (key, 2 * limit if key == "grpc.max_receive_message_length" else value)
         for key, value in channel_options(limit)

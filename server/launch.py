@@ -30,8 +30,10 @@ RowCallback = Callable[[dict], None]
 
 
 def coordinator_summary(coordinator: Coordinator) -> dict[str, Any]:
-    """Per-worker totals as the coordinator metered them."""
+    """Per-worker totals as the coordinator metered them, and the workers lost mid-run."""
     return {
+        "lost_workers": lost_workers(coordinator),
+        "figures_partial_since": partial_since(coordinator.rows, coordinator.config.workers),
         "per_worker": [
             {
                 "worker_id": i,
@@ -43,13 +45,45 @@ def coordinator_summary(coordinator: Coordinator) -> dict[str, Any]:
                 "skips": coordinator.agg.meters[i].skips,
                 "absent": coordinator.agg.meters[i].absent,  # rounds closed without its message
                 "late": coordinator.late[i],  # updates refused because their round had closed
-                "refused": coordinator.refused[i],  # malformed messages refused
+                "refused": coordinator.refused[i],  # malformed messages (and resyncs past one a round) refused
+                "resyncs": coordinator.resyncs[i],  # dense rounds sent again after a digest mismatch
                 "error": str(link.error) if link.error is not None else None,
                 "meter": link.meter.as_dict(),
             }
             for i, link in sorted(coordinator.links.items())
         ]
     }
+
+
+def lost_workers(coordinator: Coordinator) -> list[dict[str, Any]]:
+    """Each time a worker's stream ended mid-run: the round then, why, the round at which it was
+    back (None: never), and the rounds closed without it from then until it was lost again (or
+    the run's end): those after its rejoin too, until its first update came in time."""
+    lost = []
+    losses = coordinator.losses
+    for k, loss in enumerate(losses):
+        later = [other.lost_at_round for other in losses[k + 1 :] if other.worker_id == loss.worker_id]
+        end = later[0] if later else coordinator.agg.t
+        absent = sum(
+            loss.worker_id in row.get("absent_workers", ())
+            for row in coordinator.rows
+            if loss.lost_at_round <= row["round"] < end
+        )
+        lost.append({**vars(loss), "absent_rounds": absent})
+    return lost
+
+
+def partial_since(rows: list[dict[str, Any]], n: int) -> int | None:
+    """The round from which every row with figures has them over fewer than n workers (None: the
+    last such row has all n)."""
+    since = None
+    for row in reversed(rows):
+        if row.get("grad_norm_sq") is None:
+            continue  # no figures that round (diagnostics_every)
+        if row.get("diag_workers", n) >= n:
+            break
+        since = row["round"]
+    return since
 
 
 @contextlib.asynccontextmanager
@@ -255,6 +289,9 @@ async def _run_workers(coordinator: Coordinator, server: Any, port: int, plan: P
         await server.stop(5)
     summary = coordinator_summary(coordinator)
     summary["x_final"] = coordinator.agg.x
+    for entry in summary["lost_workers"]:
+        if entry["worker_id"] in died:
+            entry["exit_code"] = died[entry["worker_id"]]  # its process's, as the log line said
     for entry in summary["per_worker"]:
         report = workers_dir / f"worker-{entry['worker_id']}.json"
         worker_meter = json.loads(report.read_text())["meter"] if report.exists() else None

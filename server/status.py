@@ -15,10 +15,13 @@ STATUS: dict[type[errors.ThreePCError], grpc.StatusCode] = {
     errors.DataError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.DecodeError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ProtocolError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.SlotTakenError: grpc.StatusCode.ALREADY_EXISTS,  # the worker retries with backoff
+    errors.DeadlineError: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.AuthError: grpc.StatusCode.UNAUTHENTICATED,
     errors.MismatchError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.TransportError: grpc.StatusCode.UNAVAILABLE,
     errors.DivergedError: grpc.StatusCode.ABORTED,
+    errors.WorkerDivergedError: grpc.StatusCode.ABORTED,
     errors.RunFinishedError: grpc.StatusCode.OUT_OF_RANGE,  # a join past the run's last round
 }
 

@@ -8,6 +8,13 @@ The worker meters every frame it sends and receives, so both ends' counts can be
 When its stream breaks after it has trained (the coordinator restarted, the network dropped),
 the worker rejoins with the same id, retrying with backoff for at most `reconnect_timeout_s`;
 the coordinator's Welcome (or a Restore before a Round) rebuilds its state from the mirror.
+Refused a slot that another stream holds, or too slow to get ready, it retries the same way for
+at most `connect_timeout_s` (a slot frees up: a peer that never gets ready loses it).
+
+A worker whose own gradient (or loss, or update) is no longer finite sends Diverged instead of
+its update; the coordinator ends the run and tells every worker with Done. A worker told that
+the run ended before it finished returns normally, with the reason in its summary (`ended`):
+it did its part, and the coordinator's exit code says how the run went.
 """
 
 from __future__ import annotations
@@ -37,13 +44,16 @@ from threepc.common.engine import (
 )
 from threepc.common.errors import (
     AuthError,
+    DeadlineError,
     DecodeError,
     DivergedError,
     MismatchError,
     ProtocolError,
     RunFinishedError,
+    SlotTakenError,
     ThreePCError,
     TransportError,
+    WorkerDivergedError,
 )
 from threepc.common.splice import Bulk
 from threepc.common.wire import (
@@ -56,6 +66,7 @@ from threepc.common.wire import (
     frames,
 )
 from threepc.proto.threepc_pb2 import CoordinatorMessage as ProtoCoordinatorMessage
+from threepc.proto.threepc_pb2 import Diverged as ProtoDiverged
 from threepc.proto.threepc_pb2 import Join as ProtoJoin
 from threepc.proto.threepc_pb2 import Ready as ProtoReady
 from threepc.proto.threepc_pb2 import Restore as ProtoRestore
@@ -71,6 +82,8 @@ _ERRORS = {
     grpc.StatusCode.UNAUTHENTICATED: AuthError,
     grpc.StatusCode.INVALID_ARGUMENT: DecodeError,
     grpc.StatusCode.FAILED_PRECONDITION: ProtocolError,
+    grpc.StatusCode.ALREADY_EXISTS: SlotTakenError,  # another stream holds the slot: retried
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineError,  # not ready in time: retried (the shard is loaded)
     grpc.StatusCode.ABORTED: DivergedError,  # the run itself failed: nothing to rejoin
     grpc.StatusCode.OUT_OF_RANGE: RunFinishedError,  # joined after the last round: nothing to do
 }
@@ -105,6 +118,7 @@ class _Session:
     streams: int = 0
     restores: int = 0
     resyncs: int = 0  # dense rounds asked for after a digest mismatch (delta downlink)
+    ended: str = "finished"  # the reason of the coordinator's Done (why the run ended)
     follower: IterateFollower | None = None  # x and g_sum, rebuilt from the coordinator's changes
     meter: Meter = field(default_factory=Meter)
 
@@ -159,6 +173,7 @@ async def run_worker(options: WorkerOptions) -> dict:
     credentials = tls.channel_credentials(options.tls_ca) if options.tls_ca else None
     session = _Session(options.worker_id)
     rejoin_until: float | None = None
+    refused_until: float | None = None  # refused a slot (or too slow to get ready): retry until then
     delay = 0.2
     while True:
         timeout = options.connect_timeout_s if rejoin_until is None else max(rejoin_until - time.monotonic(), 0.1)
@@ -178,6 +193,19 @@ async def run_worker(options: WorkerOptions) -> dict:
             return _summary(session, options, finished_before_joining=True)
         except (AuthError, MismatchError, DivergedError):
             raise  # refused, or the run failed: rejoining would not help
+        except (SlotTakenError, DeadlineError) as err:
+            if session.trained:
+                rejoin_until, delay = time.monotonic() + options.reconnect_timeout_s, 0.2
+            elif rejoin_until is None:
+                # As for a coordinator not up yet: with backoff, for at most connect_timeout_s.
+                refused_until = refused_until or time.monotonic() + options.connect_timeout_s
+                if time.monotonic() + delay >= refused_until:
+                    raise type(err)(f"{err} (still, after {options.connect_timeout_s:g} s of retrying)") from None
+            elif time.monotonic() >= rejoin_until:
+                raise
+            log.warning("worker %d: %s; retrying in %.1f s", session.worker_id, err, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
         except ThreePCError as err:
             if session.trained:
                 rejoin_until = time.monotonic() + options.reconnect_timeout_s  # a fresh budget per break
@@ -292,6 +320,7 @@ async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, sessio
         kind = message.WhichOneof("kind")
         session.trained = True
         if kind == "done":
+            session.ended = message.done.reason or "finished"
             break
         if kind == "restore":
             _restore(node, message.restore, "restore", bulk)
@@ -305,7 +334,15 @@ async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, sessio
             await send(ProtoWorkerMessage(resync=ProtoResync(round=t)), chunk)
             session.resyncs += 1
             continue
-        update, diagnostics = node.round(t, *iterate)
+        try:
+            update, diagnostics = node.round(t, *iterate)
+        except WorkerDivergedError as err:
+            # Said, not sent: no decoder would take the update (the coordinator ends the run in
+            # its turn, or, if its round closed meanwhile, sends the next round).
+            log.warning("worker %d: %s", worker_id, err)
+            await send(ProtoWorkerMessage(diverged=ProtoDiverged(round=t, reason=err.what)), chunk)
+            del message, bulk, iterate
+            continue
         if options.throttle_s and (options.throttle_rounds is None or t in options.throttle_rounds):
             await asyncio.sleep(options.throttle_s)
         envelope, bulk = ProtoWorkerMessage(), Bulk()  # filled in place: a constructor would copy the values again
@@ -333,6 +370,7 @@ def _summary(session: _Session, options: WorkerOptions, finished_before_joining:
         "restores": session.restores,
         "resyncs": session.resyncs,
         "finished_before_joining": finished_before_joining,
+        "ended": session.ended,
         "meter": session.meter.as_dict(),
     }
     if options.report is not None:

@@ -315,7 +315,7 @@ def test_a_worker_killed_mid_run_is_absent_then_rejoins_with_its_state(tmp_path:
     """At dim = 10_000 the Welcome's mirror and x^{t-1} (80 KB each) travel beside the protobuf."""
     config = write_config(
         tmp_path / "c.toml",
-        f'workers = 3\nrounds = 40\nseed = 11\nmethod = {{ name = "clag", zeta = 1.0 }}\n'
+        f'workers = 3\nrounds = 200\nseed = 11\nmethod = {{ name = "clag", zeta = 1.0 }}\n'
         f'round_timeout_s = 10\ncompressor = {{ name = "top_k", k = 2 }}\n{SYNTHETIC.replace("dim = 10", f"dim = {dim}")}',
     )
     out, port = tmp_path / "out", free_port()
@@ -345,12 +345,19 @@ def test_a_worker_killed_mid_run_is_absent_then_rejoins_with_its_state(tmp_path:
     # One restore with its Welcome; another if its first update came after that round closed
     # (its state then moved past the mirror's), which a loaded machine sometimes makes happen.
     assert json.loads((tmp_path / "w2.json").read_text())["restores"] >= 1
+    # Lost once and back: said in the summary; not for good, so serve exited 0 (above).
+    [lost] = summary["lost_workers"]
+    assert lost["worker_id"] == 2 and 8 <= lost["lost_at_round"] <= 16 < lost["rejoined_at_round"]
+    assert lost["absent_rounds"] == len(gone)
     # CLAG's state (h, y) came back from the mirror exactly: the run equals the replay.
     the_plan = plan(config_mod.load(config))
     assert np.array_equal(np.load(out / "x_final.npy"), reference_x(the_plan, rows))
 
 
-def test_threepc_run_goes_on_when_a_worker_dies(tmp_path: Path) -> None:
+def test_threepc_run_goes_on_when_a_worker_dies_and_says_so_at_the_end(tmp_path: Path) -> None:
+    """A worker killed for good: the run goes on, its rows hold figures over the 2 workers left,
+    and the end says which worker was lost and when (report, summary.json, progress line), with
+    exit code 3, not 0: the figures after the loss are partial."""
     import psutil
 
     config = write_config(
@@ -359,23 +366,88 @@ def test_threepc_run_goes_on_when_a_worker_dies(tmp_path: Path) -> None:
     )
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "threepc.server.cli", "run", str(config), "--out", str(out), "-q", "--no-dashboard"],
+        [sys.executable, "-m", "threepc.server.cli", "run", str(config), "--out", str(out), "--no-dashboard"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "THREEPC_THROTTLE": "0.03"},
+        env={**os.environ, "THREEPC_THROTTLE": "0.03", "COLUMNS": "200"},
     )
     try:
         wait_for_rows(out, 10, proc)
         victim = next(c for c in psutil.Process(proc.pid).children() if "1" == c.cmdline()[c.cmdline().index("--worker-id") + 1])
         victim.send_signal(signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == 3, stderr
     assert "worker 1 exited with code -9" in stderr and "the run goes on without it" in stderr
     rows = read_rows(out)
     assert len(rows) == 60 and rows[-1]["absent_workers"] == [1]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["per_worker"][1]["absent"] == sum(1 in r["absent_workers"] for r in rows) > 0
+    absent = sum(1 in r["absent_workers"] for r in rows)
+    assert summary["per_worker"][1]["absent"] == absent > 0
+    [lost] = summary["lost_workers"]
+    since = next(r["round"] for r in rows if 1 in r["absent_workers"])
+    assert lost["worker_id"] == 1 and lost["rejoined_at_round"] is None and lost["exit_code"] == -9
+    assert lost["lost_at_round"] in (since - 1, since) and lost["absent_rounds"] == absent
+    assert summary["figures_partial_since"] == since and summary["final"]["diag_workers"] == 2
+    assert f"worker 1 lost at round {lost['lost_at_round']} (never came back): " in stdout
+    assert f"figures from round {since} on are over 2 of 3 workers" in stdout
+    assert "round 60/60" in stdout and "2/3 workers  ||grad f||^2" in stdout  # the progress line
+    assert "coordinator and worker meters agree (workers 1 left none)" in stdout  # it was killed
+
+
+# ---------------------------------------------------------------------- a diverging run (processes)
+
+DIVERGING = (
+    'workers = 3\nrounds = 300\nseed = 1\nmethod = "ef21"\nstepsize = 1000.0\nproblem = "least_squares"\n'
+    'compressor = {{ name = "top_k", k = 3 }}\ndiagnostics_every = {every}\n'
+    '[data]\ndataset = "synthetic"\nrows = 300\ndim = 20\n[wire]\nvalue_dtype = "float64"\n'
+)
+
+
+@pytest.mark.parametrize(("every", "what", "at"), [(1000, "gradient", 123), (1, "loss", 62)])
+def test_a_diverging_run_ends_with_the_same_line_and_rows_in_process_and_over_grpc(
+    tmp_path: Path, every: int, what: str, at: int
+) -> None:
+    """A stepsize far too large: a worker's gradient (or, on diagnostic rounds, its loss) stops
+    being finite while x^t still is. In process and over gRPC alike the run ends at once with one
+    line naming the round and the worker, exit code 1, the rows before it kept. Over gRPC the
+    workers' non-finite gradients were refused as malformed, and the run looped for good."""
+    config = write_config(tmp_path / "c.toml", DIVERGING.format(every=every))
+    line = f"threepc: error: the run diverged at round {at}: worker 0's {what} is not finite"
+    runs = {}
+    for mode in ("in-process", "distributed"):
+        out = tmp_path / mode
+        r = threepc("run", str(config), "--out", str(out), "-q", "--no-dashboard",
+                    *(["--in-process"] if mode == "in-process" else []), timeout=90)
+        assert r.returncode == 1 and r.stderr.strip().splitlines() == [line], r.stderr
+        runs[mode] = read_rows(out)
+    assert len(runs["in-process"]) == at
+    for key in ("round", "grad_norm_sq", "loss", "diag_workers", "bits_up_per_worker"):
+        assert [row[key] for row in runs["distributed"]] == [row[key] for row in runs["in-process"]]
+
+
+def test_serve_and_its_workers_end_a_diverging_run(tmp_path: Path) -> None:
+    """`serve` with worker processes: the coordinator ends with the line and exit code 1; each
+    worker is told why the run ended (Done) and exits 0 with that reason in one line."""
+    config = write_config(tmp_path / "c.toml", DIVERGING.format(every=1000))
+    out, port = tmp_path / "out", free_port()
+    address = f"127.0.0.1:{port}"
+    server = spawn("serve", str(config), "--listen", address, "--out", str(out), "-q", "--no-dashboard",
+                   log=tmp_path / "serve.log")
+    workers = [spawn("worker", "-c", address, "--worker-id", str(i), log=tmp_path / f"w{i}.log") for i in range(3)]
+    try:
+        assert server.wait(90) == 1
+        codes = [w.wait(60) for w in workers]
+    finally:
+        for p in [server, *workers]:
+            p.kill()
+    line = "the run diverged at round 123: worker 0's gradient is not finite"
+    assert (tmp_path / "serve.log").read_text().strip().splitlines()[-1] == f"threepc: error: {line}"
+    assert codes == [0, 0, 0]
+    for i in range(3):
+        said = (tmp_path / f"w{i}.log").read_text().strip().splitlines()
+        assert said[-1] == f"worker {i}: the coordinator ended the run: {line}"
+    assert len(read_rows(out)) == 123
 
 
 # ---------------------------------------------------------------------- coordinator faults (processes)

@@ -8,8 +8,10 @@ throwaway ones from `trustme`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import grpc
 import numpy as np
@@ -29,16 +31,18 @@ from tests.e2e.test_faults import (
 from threepc.common.errors import AuthError, TransportError
 from threepc.common.wire import TRAIN_METHOD
 from threepc.proto.threepc_pb2 import (
+    Chunk,
     CoordinatorMessage,
     DenseVector,
     Join,
     Part,
     Ready,
+    Resync,
     Update,
     WorkerMessage,
 )
 from threepc.server.coordinator import Coordinator
-from threepc.worker.client import run_worker
+from threepc.worker.client import run_worker, wait_for_coordinator
 
 pytestmark = pytest.mark.e2e
 
@@ -266,3 +270,153 @@ def test_tls_needs_both_files(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == ["threepc: error: TLS needs both --tls-cert and --tls-key"]
 
+
+
+# ---------------------------------------------------------------------- peers that hold resources
+
+
+class PeakRSS:
+    """The largest resident set of process `pid` while inside, sampled every 10 ms in a thread."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.peak = self.baseline = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.baseline) / 1e6
+
+
+def test_streams_without_a_token_buffer_next_to_nothing_and_the_run_goes_on(tmp_path: Path) -> None:
+    """The issue's attack on a real `threepc serve` (token set): four streams send 4 MiB chunks of
+    a 64 MiB message before any Join (the coordinator held each one's 64 MiB, for good: measured
+    86 -> 530 MB); another sends a 20 MB Join (+99 MB). Now each is refused at its first message:
+    the chunks cost what gRPC holds of a stream's frames in flight (+73 MB, for the moment it
+    takes to end them), the large Join nothing. Then the honest workers run the whole run."""
+    config = write_config(tmp_path / "c.toml", CONFIG)
+    port = free_port()
+    server = spawn("serve", str(config), "--listen", f"127.0.0.1:{port}", "--out", str(tmp_path / "o"), "-q",
+                   "--no-dashboard", env={"THREEPC_TOKEN": "s3cret"}, log=tmp_path / "serve.log")
+    address = f"127.0.0.1:{port}"
+    piece = 4 << 20
+    chunk = WorkerMessage(chunk=Chunk(last=False, total_bytes=16 * piece, data=b"\x01" * piece)).SerializeToString()
+    big = WorkerMessage(join=Join(requested_id=0, token="x" * 20_000_000)).SerializeToString()
+
+    async def flood(frames: list[bytes]) -> tuple[grpc.StatusCode, str]:
+        raw = RawClient(address)
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            for frame in frames:
+                await raw.send(frame)
+        try:
+            return await asyncio.wait_for(raw.status(), 30)  # the old coordinator never ended them
+        finally:
+            await raw.close()
+
+    async def main() -> tuple[list[tuple[grpc.StatusCode, str]], list[float], list[dict]]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            await wait_for_coordinator(channel, address, 60)
+        verdict = await flood([chunk])  # one chunk, then it waits for the verdict
+        with PeakRSS(server.pid) as chunks:
+            await asyncio.gather(*(flood([chunk] * 16) for _ in range(4)))  # (their later writes fail)
+        with PeakRSS(server.pid) as large:
+            too_large = await flood([big])
+        done = await asyncio.gather(*(run_worker(worker(address, i, token="s3cret")) for i in range(2)))
+        return [verdict, too_large], [chunks.growth_mb, large.growth_mb], done
+
+    try:
+        (verdict, too_large), (chunks_mb, large_mb), done = asyncio.run(main())
+        assert server.wait(60) == 0, (tmp_path / "serve.log").read_text()
+    finally:
+        server.kill()
+    assert verdict[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"join: the first message has {len(chunk)} bytes; a Join has at most 4096" in verdict[1]
+    assert too_large[0] == grpc.StatusCode.RESOURCE_EXHAUSTED  # gRPC drops it: over twice a chunk frame
+    # A few frames of gRPC's at once (4 x 64 MiB held before), and nothing for the large Join.
+    assert chunks_mb < 110, f"the coordinator grew by {chunks_mb:.0f} MB for four streams without a token"
+    assert large_mb < 10, f"the coordinator grew by {large_mb:.0f} MB for a 20 MB first message"
+    assert [w["rounds"] for w in done] == [30, 30]
+
+
+def test_a_peer_silent_before_join_or_ready_loses_its_slot_and_the_worker_retries() -> None:
+    """A stream that never sends its Join ends at the Join deadline; a peer that joins as worker 1
+    and never sends Ready holds the slot until the Ready deadline. The real worker 1, refused
+    meanwhile (its slot is taken, the run has not started), retries with backoff, gets the slot,
+    and the run starts and finishes."""
+    the_plan = make_plan(CONFIG)
+
+    async def main() -> tuple[Coordinator, list[tuple[grpc.StatusCode, str]], dict]:
+        async with on_loopback(the_plan, join_timeout_s=1.0, ready_timeout_s=1.5) as (c, address):
+            run = asyncio.ensure_future(c.run())
+            silent = RawClient(address)
+            await silent.call.wait_for_connection()
+            squatter = RawClient(address)
+            await squatter.send(WorkerMessage(join=Join(requested_id=1)))
+            assert (await squatter.receive()).WhichOneof("kind") == "welcome"  # and then nothing
+            statuses = asyncio.gather(
+                asyncio.wait_for(silent.status(), 30), asyncio.wait_for(squatter.status(), 30)
+            )
+            _, real = await asyncio.gather(run_worker(worker(address, 0)), run_worker(worker(address, 1)))
+            await run
+            ended = await statuses
+            await silent.close()
+            await squatter.close()
+            return c, ended, real
+
+    c, (silent, squatter), real = asyncio.run(main())
+    assert silent[0] == grpc.StatusCode.DEADLINE_EXCEEDED and "no Join within 1 s" in silent[1]
+    assert squatter[0] == grpc.StatusCode.DEADLINE_EXCEEDED and "no Ready within 1.5 s" in squatter[1]
+    assert real["worker_id"] == 1 and real["rounds"] == 30 and real["streams"] >= 2  # refused, then in
+    assert len(c.rows) == 30 and all(r["absent_workers"] == [] for r in c.rows)
+    assert c.losses == []  # the squatter was never a worker of the run
+
+
+def test_a_resync_flood_gets_one_dense_round_and_the_rest_are_refused_and_counted() -> None:
+    """The issue's flood at d = 1e5: 500 Resync requests for one round (2.5 KB) made the
+    coordinator send x densely 500 times (800 KB each). Now one is served; the other 499 are
+    refused and counted, and the honest worker's run finishes."""
+    d = 100_000
+    the_plan = make_plan(
+        f'workers = 2\nrounds = 4\nseed = 1\nmethod = "ef21"\ncompressor = {{ name = "top_k", k = 1 }}\n'
+        f'[data]\ndataset = "synthetic"\nrows = 20\ndim = {d}\n'
+    )
+
+    async def main() -> tuple[Coordinator, int]:
+        async with on_loopback(the_plan) as (c, address):
+            run = asyncio.ensure_future(c.run())
+            honest = asyncio.ensure_future(run_worker(worker(address, 0, throttle_s=0.05)))
+            raw = RawClient(address)
+            first = await raw.join(1, dim=d)
+            assert first.WhichOneof("kind") == "round" and first.round.round == 0
+            for _ in range(500):
+                await raw.send(WorkerMessage(resync=Resync(round=0)))
+            await raw.call.done_writing()  # then it leaves: what was queued for it is still sent
+            received = 0
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                while (data := await raw.call.read()) is not grpc.aio.EOF:
+                    received += len(data)
+            await raw.close()
+            await asyncio.gather(run, honest)
+            return c, received
+
+    c, received = asyncio.run(main())
+    dense_round = 8 * d  # x^0 in float64
+    assert dense_round <= received < 2 * dense_round + 4096  # one resync's dense round, and no more
+    assert c.resyncs == [0, 1] and c.refused == [0, 499]
+    assert c.rows[0]["resyncs"] == 1 and c.rows[0]["refused"] == 499
+    assert len(c.rows) == 4
