@@ -116,6 +116,7 @@ def run(
     Writes OUT/metrics.jsonl (one row per round: round, grad_norm_sq, loss, bits_up_per_worker,
     value_bits_up_per_worker, wire_bytes_up, wire_bytes_down, elapsed_s, ...) and
     OUT/summary.json (config, final figures, per-worker totals as both ends metered them).
+    An OUT that holds a run is refused unless --overwrite.
     """
     from threepc.common.engine import plan, run_in_process
     from threepc.server.launch import Terminated, run_local
@@ -241,7 +242,9 @@ def serve(
     The rounds start once every one of the config's n workers has joined and is ready.
     It writes OUT/checkpoint.npz every `checkpoint_every` rounds and on SIGTERM (after the open
     round finishes; then exits with code 143); `threepc serve --resume OUT` continues the run,
-    and the workers rejoin.
+    and the workers rejoin. An OUT that holds a run is refused unless --resume continues it or
+    --overwrite replaces it; --auto-resume (for containers) continues it when it holds a
+    checkpoint and starts CONFIG_FILE there otherwise.
     """
     from threepc.common.engine import plan
     from threepc.common.errors import ConfigError

@@ -4,17 +4,15 @@ one line and what was written stays resumable."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import read_rows, threepc, write_config
+from tests.conftest import read_rows, threepc, tiny_tmpfs, write_config
 from tests.e2e.test_faults import free_port, spawn, wait_for_rows
 from threepc.server import checkpoint
 
@@ -124,20 +122,6 @@ def test_serve_auto_resume_sigtermed_and_restarted_continues_to_the_uninterrupte
     assert r.returncode == 0, r.stderr
     assert np.array_equal(np.load(out / "x_final.npy"), np.load(reference / "x_final.npy"))
     assert [r["grad_norm_sq"] for r in rows] == [r["grad_norm_sq"] for r in read_rows(reference)]
-
-
-@contextlib.contextmanager
-def tiny_tmpfs(folder: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of `size` at `folder` (skips where mounting is not permitted); always unmounted."""
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                             capture_output=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def test_a_full_disk_is_one_line_and_what_was_written_resumes_to_the_uninterrupted_iterate(tmp_path: Path) -> None:

@@ -217,3 +217,22 @@ def _without(key: str) -> Callable[[Path], None]:
         with open(path, "wb") as f:
             np.savez(f, **arrays)  # type: ignore[arg-type]
     return damage
+
+
+def test_a_resumed_run_may_change_its_cadences_and_length_but_not_its_math(tmp_path: Path) -> None:
+    the_plan, _, agg = _run(4)
+    checkpoint.save(tmp_path, agg.state_dict(), [0] * 3, [0] * 3, config_mod.to_json(the_plan.config), [None] * 3)
+    saved = checkpoint.load(tmp_path)
+
+    def edited(**fields: object) -> config_mod.RunConfig:
+        return config_mod.parse({**the_plan.config.model_dump(mode="json"), **fields})
+
+    allowed = edited(rounds=60, checkpoint_every=3, round_timeout_s=5.0, diagnostics_every=10,
+                     wire={"read_ahead": 1, "chunk_bytes": 4096, "max_message_bytes": 1 << 20})
+    assert checkpoint.resume_config(saved, allowed, "run.toml") is allowed
+    math = edited(seed=5, stepsize_multiplier=2.0, compressor={"name": "top_k", "k": 3}, wire={"value_dtype": "float64"})
+    with pytest.raises(ConfigError, match=f"run.toml differs from the run in {tmp_path} in compressor.k, seed, "
+                                          "stepsize_multiplier, wire.value_dtype: a resumed run keeps its math"):
+        checkpoint.resume_config(saved, math, "run.toml")
+    with pytest.raises(ConfigError, match=f"run.toml: rounds = 3, but the run in {tmp_path} is at round 4"):
+        checkpoint.resume_config(saved, edited(rounds=3), "run.toml")
