@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,40 @@ def test_an_out_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
         line = one_error_line(threepc(*command, "--out", str(a_file / "out")))
         assert line.startswith(f"threepc: error: --out {a_file / 'out'}") and "cannot write there" in line, line
     assert a_file.read_text() == "not a folder"
+    with tiny_tmpfs(tmp_path / "ro", "64k") as read_only:
+        subprocess.run(["mount", "-o", "remount,ro", str(read_only)], check=True)
+        line = one_error_line(threepc("run", str(config), "--in-process", "-q", "--out", str(read_only / "out")))
+        assert line == f"threepc: error: --out {read_only / 'out'}: cannot write there (Read-only file system)"
+
+
+def test_auto_resume_without_a_checkpoint(tmp_path: Path) -> None:
+    """A finished run that wrote no checkpoint is refused (nothing to continue, everything to lose);
+    rows of a run killed before its first checkpoint are started over (the same config writes
+    the same rows)."""
+    config = write_config(tmp_path / "c.toml", f'workers = 2\nrounds = 5\n{SYNTHETIC}')
+    out = tmp_path / "out"
+    assert threepc("run", str(config), "--in-process", "--out", str(out), "-q").returncode == 0
+    finished = files_of(out)
+    line = one_error_line(threepc("serve", str(config), "--out", str(out), "--listen", "127.0.0.1:0", "-q",
+                                  "--auto-resume"))
+    assert line == (f"threepc: error: {out} holds a run (metrics.jsonl, summary.json, x_final.npy) and no "
+                    "checkpoint to resume from: --overwrite replaces it, or give another --out")
+    assert files_of(out) == finished
+
+    (out / "summary.json").unlink()
+    (out / "x_final.npy").unlink()
+    server = spawn("serve", str(config), "--out", str(out), "--listen", "127.0.0.1:0", "-q", "--no-dashboard",
+                   "--auto-resume", log=tmp_path / "serve.log")
+    try:
+        deadline = time.monotonic() + 120
+        while "coordinator listening" not in (tmp_path / "serve.log").read_text():
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.05)
+    finally:
+        stop(server)
+    said = (tmp_path / "serve.log").read_text()
+    assert f"{out} holds rows but no checkpoint; starting the run over (--auto-resume)" in said
+    assert (out / "metrics.jsonl").read_text() == ""  # the new run's, waiting for its workers
 
 
 def _serve_cluster(config: Path, out: Path, tmp_path: Path, tag: str, *extra: str) -> tuple[subprocess.Popen, str]:
