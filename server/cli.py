@@ -284,8 +284,8 @@ def serve(
             claim(Path(out), continuing=True)
             log = RunLog(out, keep_bytes=kept)  # the rows before the checkpoint; later ones are cut
         else:
-            claim(Path(out), overwrite=overwrite)
-            log = RunLog(out, replace=overwrite, rows=rows)
+            claim(Path(out))
+            log = RunLog(out, rows=rows)  # a copy of the rows before the checkpoint, in a new folder
         resumed = (saved, rows)
     elif config_file is None:
         raise ConfigError("serve needs CONFIG_FILE, or --resume DIR to continue a run")

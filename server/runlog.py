@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -69,13 +68,12 @@ def claim(out: Path, *, overwrite: bool = False, continuing: bool = False, resum
 
 
 def remove_run(out: Path) -> None:
-    """Remove the run files in `out` (and a local run's worker logs): `--overwrite`, as the new
-    run starts. The finished-run markers go first, so an interrupted removal still looks like a
-    run to `claim`."""
+    """Remove the run files in `out`: `--overwrite`, as the new run starts. The finished-run
+    markers go first, so an interrupted removal still looks like a run to `claim`. (A local
+    run's workers/ logs and reports are the new run's by then: its workers rewrite them.)"""
     for name in (SUMMARY, X_FINAL, CHECKPOINT, METRICS):
         for path in (out / name, out / (name + ".tmp")):
             path.unlink(missing_ok=True)
-    shutil.rmtree(out / "workers", ignore_errors=True)
 
 
 class RunLog:
