@@ -150,7 +150,7 @@ class RunLog:
         write_json_atomic(self.out / SUMMARY, summary)
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write, fsync, rename: a reader sees the old file or the new one, never half of one; a
     failed write (a full disk) leaves the old one and raises OutputError."""
     tmp = path.with_suffix(path.suffix + ".tmp")
