@@ -102,7 +102,8 @@ def load(out_dir: Path) -> Checkpoint:
     # A damaged zip fails in any of zipfile's and numpy's header parser's ways (BadZipFile,
     # EOFError, a CRC mismatch, TokenError, NotImplementedError, ...): all mean "damaged".
     except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(err).__name__}: {err})") from None
+        why = " ".join(str(err).split())  # one line, whatever the parser said
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(err).__name__}: {why})") from None
     return _validated(path, arrays)
 
 
