@@ -61,7 +61,7 @@ def claim(out: Path, *, overwrite: bool = False, continuing: bool = False, resum
         return
     held = f"{out} holds a run ({', '.join(found)})"
     if CHECKPOINT not in found:
-        raise OutputError(f"{held} and no checkpoint to resume from: --overwrite replaces it, or give another --out")
+        raise OutputError(f"{held} and no checkpoint for --resume to continue from: --overwrite replaces it, or give another --out")
     if resume:
         raise OutputError(f"{held}: {resume} continues it, --overwrite replaces it")
     raise OutputError(f"{held}: --overwrite replaces it, or give another --out")

@@ -87,7 +87,7 @@ def test_auto_resume_without_a_checkpoint(tmp_path: Path) -> None:
     line = one_error_line(threepc("serve", str(config), "--out", str(out), "--listen", "127.0.0.1:0", "-q",
                                   "--auto-resume"))
     assert line == (f"threepc: error: {out} holds a run (metrics.jsonl, summary.json, x_final.npy) and no "
-                    "checkpoint to resume from: --overwrite replaces it, or give another --out")
+                    "checkpoint for --resume to continue from: --overwrite replaces it, or give another --out")
     assert files_of(out) == finished
 
     (out / "summary.json").unlink()

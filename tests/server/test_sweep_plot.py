@@ -47,7 +47,7 @@ def test_a_sweep_refuses_a_run_folder_that_holds_a_run_before_running_any(tmp_pa
     r = threepc("sweep", str(config), "-g", "seed=1,2", "--out", str(out))
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
-        f"threepc: error: {out / 'seed=2'} holds a run (metrics.jsonl) and no checkpoint to resume from: "
+        f"threepc: error: {out / 'seed=2'} holds a run (metrics.jsonl) and no checkpoint for --resume to continue from: "
         + "--overwrite replaces it, or give another --out"
     ]
     assert not (out / "seed=1" / "metrics.jsonl").exists()  # checked before the first run
