@@ -2,6 +2,7 @@
 
     ThreePCError
     ├── ConfigError          a run's config is invalid (unknown field, bad value)
+    │   └── CheckpointError  a checkpoint is missing, damaged, or not of this run
     ├── DataError            a data set cannot be found, read or split as asked
     ├── DecodeError          a message from the wire is malformed or inconsistent
     ├── ProtocolError        a peer broke the round protocol (wrong round, unknown worker, ...)
@@ -10,6 +11,7 @@
     ├── AuthError            a peer failed authentication (missing or wrong join token)
     ├── MismatchError        a worker's data does not fit the run (dimension, rows)
     ├── TransportError       the other end cannot be reached or went away
+    ├── OutputError          a run's folder cannot be used: it holds a run, or cannot be written
     ├── DivergedError        the iterate stopped being finite (stepsize too large)
     │   └── WorkerDivergedError  a worker's own gradient, loss or update stopped being finite
     └── RunFinishedError     a worker joined a run that has already finished
@@ -25,6 +27,14 @@ class ThreePCError(Exception):
 
 class ConfigError(ThreePCError):
     """A run's config is invalid."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint is missing, damaged, or was not written for this run; it names the file."""
+
+
+class OutputError(ThreePCError):
+    """A run's folder cannot be used as asked: it holds another run, or it cannot be written."""
 
 
 class DataError(ThreePCError):

@@ -108,7 +108,10 @@ class Progress:
 @cli.command(context_settings=CONTEXT, epilog=EXIT_CODES)
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/latest", show_default=True,
-              help="Folder for metrics.jsonl and summary.json.")
+              help="Folder for metrics.jsonl and summary.json; one that holds a run is refused "
+                   "unless --overwrite.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run OUT holds (its files are removed when this run's first round ends).")
 @click.option("--in-process", is_flag=True, help="Run the reference engine: no gRPC, no processes.")
 @click.option("--dashboard", default="127.0.0.1:8080", show_default=True, envvar="THREEPC_DASHBOARD",
               help="Address:port of the live dashboard and /metrics (or THREEPC_DASHBOARD).")
@@ -116,7 +119,7 @@ class Progress:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @config_options
 def run(
-    config_file: str, out: str, in_process: bool, dashboard: str, no_dashboard: bool, quiet: bool,
+    config_file: str, out: str, overwrite: bool, in_process: bool, dashboard: str, no_dashboard: bool, quiet: bool,
     workers: int | None, rounds: int | None, seed: int | None,
 ) -> None:
     """Train CONFIG_FILE on a local cluster: a coordinator and n worker processes on loopback.
@@ -124,15 +127,16 @@ def run(
     Writes OUT/metrics.jsonl (one row per round: round, grad_norm_sq, loss, bits_up_per_worker,
     value_bits_up_per_worker, wire_bytes_up, wire_bytes_down, elapsed_s, ...) and
     OUT/summary.json (config, final figures, per-worker totals as both ends metered them,
-    the workers lost mid-run).
+    the workers lost mid-run). An OUT that holds a run is refused unless --overwrite.
     """
     from threepc.common.engine import plan, run_in_process
     from threepc.server.launch import Terminated, run_local
-    from threepc.server.runlog import RunLog
+    from threepc.server.runlog import RunLog, claim
 
     config = config_mod.load(config_file, _overrides(workers, rounds, seed))
+    claim(Path(out), overwrite=overwrite, resume=f"threepc serve --resume {out}")
     the_plan = plan(config)
-    log = RunLog(out)
+    log = RunLog(out, replace=overwrite)
     progress = Progress(config.rounds, quiet, config.workers)
 
     def on_round(row: dict) -> None:
@@ -250,9 +254,16 @@ def _report_lost(summary: dict) -> int:
               help="Address:port to serve on (or THREEPC_LISTEN).")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Folder for metrics.jsonl, summary.json and checkpoint.npz [default: runs/latest, "
-                   "or DIR with --resume].")
+                   "or DIR with --resume]; one that holds a run is refused unless --resume or --overwrite.")
 @click.option("--resume", type=click.Path(file_okay=False, exists=True), default=None, metavar="DIR",
-              help="Continue the run whose checkpoint.npz is in DIR (CONFIG_FILE, if given, must match it).")
+              help="Continue the run whose checkpoint.npz is in DIR. CONFIG_FILE, if given, may change "
+                   "only rounds, checkpoint_every, round_timeout_s, diagnostics_every and wire.read_ahead, "
+                   "chunk_bytes, max_message_bytes.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run OUT holds (its files are removed once this coordinator listens).")
+@click.option("--auto-resume", is_flag=True, envvar="THREEPC_AUTO_RESUME",
+              help="Continue the run in OUT if it holds a checkpoint, else start CONFIG_FILE there (for a "
+                   "restarted container; or THREEPC_AUTO_RESUME).")
 @click.option("--token", envvar="THREEPC_TOKEN", default="", help="Join token workers must present (or THREEPC_TOKEN).")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), envvar="THREEPC_TLS_CERT",
               help="Serve TLS with this certificate chain (PEM; or THREEPC_TLS_CERT); needs --tls-key.")
@@ -266,7 +277,8 @@ def _report_lost(summary: dict) -> int:
               help="After the run, keep serving health and the dashboard until SIGTERM (for Kubernetes).")
 @config_options
 def serve(
-    config_file: str | None, listen: str, out: str | None, resume: str | None, token: str,
+    config_file: str | None, listen: str, out: str | None, resume: str | None, overwrite: bool, auto_resume: bool,
+    token: str,
     tls_cert: str | None, tls_key: str | None, dashboard: str, no_dashboard: bool, linger: bool, quiet: bool,
     workers: int | None, rounds: int | None, seed: int | None,
 ) -> None:
@@ -275,29 +287,58 @@ def serve(
     The rounds start once every one of the config's n workers has joined and is ready.
     It writes OUT/checkpoint.npz every `checkpoint_every` rounds and on SIGTERM (after the open
     round finishes; then exits with code 143); `threepc serve --resume OUT` continues the run,
-    and the workers rejoin.
+    and the workers rejoin. An OUT that holds a run is refused unless --resume continues it or
+    --overwrite replaces it; --auto-resume (for containers) continues it when it holds a
+    checkpoint and starts CONFIG_FILE there otherwise.
     """
     from threepc.common.engine import plan
     from threepc.common.errors import ConfigError
     from threepc.server import checkpoint
     from threepc.server.launch import coordinator_summary
     from threepc.server.launch import serve as serve_run
-    from threepc.server.runlog import RunLog
+    from threepc.server.runlog import METRICS, RunLog, claim, run_files
 
+    overrides = _overrides(workers, rounds, seed)
+    if resume is not None and (overwrite or auto_resume):
+        raise ConfigError("--resume continues a run; give it without --overwrite and --auto-resume")
+    if overwrite and auto_resume:
+        raise ConfigError("--auto-resume keeps the run in OUT, --overwrite replaces it: give one of them")
+    if auto_resume:
+        if config_file is None:
+            raise ConfigError("--auto-resume needs CONFIG_FILE: the run to start when OUT holds no checkpoint")
+        out = out or "runs/latest"
+        if (Path(out) / checkpoint.CHECKPOINT).exists():
+            resume = out
+        elif run_files(Path(out)) == [METRICS]:
+            # Rows of a run that never checkpointed cannot be continued; the same config and
+            # seed write the same rows again.
+            click.echo(f"threepc: {out} holds rows but no checkpoint; starting the run over (--auto-resume)", err=True)
+            overwrite = True
     resumed = None
     if resume is not None:
         saved = checkpoint.load(Path(resume))
-        config = config_mod.parse({**json.loads(saved.config_json), **_overrides(workers, rounds, seed)},
-                                  f"{resume}/{checkpoint.CHECKPOINT}")
-        if config_file is not None and config_mod.load(config_file, _overrides(workers, rounds, seed)) != config:
-            raise ConfigError(f"{config_file} differs from the config of the run in {resume}; give --resume alone")
+        if config_file is not None:
+            given, source = config_mod.load(config_file, overrides), config_file
+        else:
+            given = config_mod.parse({**json.loads(saved.config_json), **overrides}, "the command line")
+            source = "the command line"
+        config = checkpoint.resume_config(saved, given, source)
         out = out or resume
-        resumed = (saved, checkpoint.resume_rows(Path(resume) / "metrics.jsonl", saved.round))
+        rows, kept = checkpoint.resume_rows(Path(resume) / METRICS, saved.round)
+        if Path(out).resolve() == Path(resume).resolve():
+            claim(Path(out), continuing=True)
+            log = RunLog(out, keep_bytes=kept)  # the rows before the checkpoint; later ones are cut
+        else:
+            claim(Path(out))
+            log = RunLog(out, rows=rows)  # a copy of the rows before the checkpoint, in a new folder
+        resumed = (saved, rows)
     elif config_file is None:
         raise ConfigError("serve needs CONFIG_FILE, or --resume DIR to continue a run")
     else:
-        config = config_mod.load(config_file, _overrides(workers, rounds, seed))
-    out = out or "runs/latest"
+        config = config_mod.load(config_file, overrides)
+        out = out or "runs/latest"
+        claim(Path(out), overwrite=overwrite, resume=f"--resume {out}")
+        log = RunLog(out, replace=overwrite)
     credentials = None
     if tls_cert or tls_key:
         if not (tls_cert and tls_key):
@@ -306,9 +347,8 @@ def serve(
 
         credentials = server_credentials(tls_cert, tls_key)
     the_plan = plan(config)
-    log = RunLog(out)
-    for row in resumed[1] if resumed else []:
-        log.write_row(row)  # the rows before the checkpoint; later ones are dropped
+    if resumed is not None:
+        checkpoint.check_fits(resumed[0], the_plan.dim)
     progress = Progress(config.rounds, quiet, config.workers)
 
     def on_round(row: dict) -> None:
@@ -316,6 +356,7 @@ def serve(
         progress.update(row)
 
     def on_listening(port: int) -> None:
+        log.start()  # the old run's files go (--overwrite) or are cut at the checkpoint (--resume) now
         at = f" from round {resumed[0].round}" if resumed else ""
         click.echo(f"coordinator listening on port {port}; waiting for {config.workers} workers{at}", err=True)
 
@@ -441,9 +482,11 @@ def bench(ctx: click.Context, which: str | None, show_help: bool) -> None:
               help="The ||grad f||^2 a run must reach to count its bits-to-tolerance.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/sweep", show_default=True,
               help="One folder per run (metrics.jsonl) and table.json.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the sweep OUT holds (each run's files are removed when its first round ends).")
 @click.option("--distributed", is_flag=True, help="Run each point as a local cluster (default: in-process).")
 @config_options
-def sweep(config_file: str, grid: tuple[str, ...], tolerance: float, out: str, distributed: bool,
+def sweep(config_file: str, grid: tuple[str, ...], tolerance: float, out: str, overwrite: bool, distributed: bool,
           workers: int | None, rounds: int | None, seed: int | None) -> None:
     """Run a grid of CONFIG_FILE's variants and print bits-to-tolerance per run.
 
@@ -472,7 +515,7 @@ def sweep(config_file: str, grid: tuple[str, ...], tolerance: float, out: str, d
         keep_freed_memory()  # this process runs the engine, as `threepc run --in-process` does
 
     def run_one(config: config_mod.RunConfig, folder: Path) -> list[dict]:
-        log, rows = RunLog(folder), []
+        log, rows = RunLog(folder, replace=overwrite), []
 
         def on_round(row: dict) -> None:
             rows.append(row)
@@ -493,7 +536,7 @@ def sweep(config_file: str, grid: tuple[str, ...], tolerance: float, out: str, d
         shown = f"{bits:.6g}" if bits is not None else ("diverged" if entry.get("error") else "-")
         click.echo(f"{entry['run']:50s} bits to {tolerance:g}: {shown}")
 
-    run_sweep(base, axes, Path(out), tolerance, run_one, on_run)
+    run_sweep(base, axes, Path(out), tolerance, run_one, on_run, overwrite)
     click.echo(f"table: {Path(out) / 'table.json'}")
 
 

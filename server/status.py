@@ -12,6 +12,8 @@ from threepc.common import errors
 STATUS: dict[type[errors.ThreePCError], grpc.StatusCode] = {
     errors.ThreePCError: grpc.StatusCode.UNKNOWN,
     errors.ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.CheckpointError: grpc.StatusCode.FAILED_PRECONDITION,  # never on the wire: the CLI's
+    errors.OutputError: grpc.StatusCode.FAILED_PRECONDITION,  # one line before serving
     errors.DataError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.DecodeError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ProtocolError: grpc.StatusCode.FAILED_PRECONDITION,

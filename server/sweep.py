@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import math
 import tomllib
 from collections.abc import Callable
@@ -20,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from threepc.common import config as config_mod
-from threepc.common.errors import ConfigError
+from threepc.common.errors import ConfigError, OutputError
+from threepc.server.runlog import claim, write_json_atomic
+
+TABLE = "table.json"
 
 
 @dataclass(frozen=True)
@@ -79,16 +81,27 @@ def sweep(
     tolerance: float,
     run: Callable[[config_mod.RunConfig, Path], list[dict]],
     on_run: Callable[[dict], None] | None = None,
+    overwrite: bool = False,
 ) -> list[dict]:
-    """Run every grid point with `run(config, out_dir) -> rows`; write table.json and return it."""
-    table = []
+    """Run every grid point with `run(config, out_dir) -> rows`; write table.json and return it.
+
+    Every point's config is parsed and every folder claimed before the first run: a bad value or
+    a folder that holds a run (unless `overwrite`) is refused with nothing run or written.
+    """
+    points = []
     for values in itertools.product(*(axis.values for axis in axes)):
         point = {axis.field: value for axis, value in zip(axes, values)}
         data = base
         for field, value in point.items():
             data = with_field(data, field, value)
         name = run_name(point)
-        config = config_mod.parse(data, f"sweep point {name}")
+        points.append((name, point, config_mod.parse(data, f"sweep point {name}")))
+    if (out / TABLE).exists() and not overwrite:
+        raise OutputError(f"{out} holds a sweep ({TABLE}): --overwrite replaces it, or give another --out")
+    for name, _, _ in points:
+        claim(out / name, overwrite=overwrite)
+    table = []
+    for name, point, config in points:
         entry: dict[str, Any] = {"run": name, **point}
         try:
             rows = run(config, out / name)
@@ -107,6 +120,5 @@ def sweep(
         table.append(entry)
         if on_run:
             on_run(entry)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.json").write_text(json.dumps({"tolerance": tolerance, "runs": table}, indent=2))
+    write_json_atomic(out / TABLE, {"tolerance": tolerance, "runs": table})
     return table

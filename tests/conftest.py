@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +76,20 @@ def figures(rows: list[dict[str, Any]], key: str = "grad_norm_sq") -> list[Any]:
     """A figure of every round, comparable across runs with `==`, bit for bit: both transports
     sum the workers' diagnostics in worker-id order (Aggregator.apply)."""
     return [r[key] for r in rows]
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` at `folder` (skips where mounting is not permitted); always unmounted."""
+    folder.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                                 capture_output=True, check=False)
+    except OSError as err:  # no mount(8) at all
+        pytest.skip(f"cannot mount a tmpfs here: {err}")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
