@@ -40,7 +40,9 @@ def certificates(folder: Path, host: str) -> dict[str, Path]:
 
 
 def health(channel: grpc.Channel) -> int:
-    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    return (
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    )
 
 
 def wait_serving(address: str, server: subprocess.Popen, log: Path) -> None:
@@ -63,19 +65,40 @@ def test_a_tls_coordinator_answers_a_plaintext_probe_on_its_health_port_and_noth
     config = write_config(tmp_path / "c.toml", CONFIG)
     port, health_port = free_port(), free_port()
     log = tmp_path / "serve.log"
-    server = spawn("serve", str(config), "--listen", f"127.0.0.1:{port}", "--out", str(tmp_path / "out"),
-                   "-q", "--no-dashboard", "--tls-cert", str(tls["cert"]), "--tls-key", str(tls["key"]),
-                   env={"THREEPC_HEALTH_LISTEN": f"127.0.0.1:{health_port}"}, log=log)
+    server = spawn(
+        "serve",
+        str(config),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--out",
+        str(tmp_path / "out"),
+        "-q",
+        "--no-dashboard",
+        "--tls-cert",
+        str(tls["cert"]),
+        "--tls-key",
+        str(tls["key"]),
+        env={"THREEPC_HEALTH_LISTEN": f"127.0.0.1:{health_port}"},
+        log=log,
+    )
     try:
         # What kubelet does: a plaintext grpc.health.v1 Check.
         wait_serving(f"127.0.0.1:{health_port}", server, log)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as on_tls:
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
+            pytest.raises(grpc.RpcError) as on_tls,
+        ):
             health(channel)  # the TLS port cannot answer it: the reason for the health port
         assert on_tls.value.code() == grpc.StatusCode.UNAVAILABLE
-        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel, pytest.raises(grpc.RpcError) as train:
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel,
+            pytest.raises(grpc.RpcError) as train,
+        ):
             next(iter(channel.stream_stream(TRAIN_METHOD)(iter([b""]), timeout=5)))
         assert train.value.code() == grpc.StatusCode.UNIMPLEMENTED  # no training in plaintext
-        right = threepc("worker", "-c", f"localhost:{port}", "--tls-ca", str(tls["ca"]), timeout=120)
+        right = threepc(
+            "worker", "-c", f"localhost:{port}", "--tls-ca", str(tls["ca"]), timeout=120
+        )
         assert right.returncode == 0, right.stderr
         assert server.wait(60) == 0, log.read_text()
     finally:
@@ -87,31 +110,76 @@ def test_a_tls_coordinator_answers_a_plaintext_probe_on_its_health_port_and_noth
 
 def test_health_listen_on_an_address_it_cannot_bind_is_one_line(tmp_path: Path) -> None:
     config = write_config(tmp_path / "c.toml", CONFIG)
-    r = threepc("serve", str(config), "--listen", "127.0.0.1:0", "--out", str(tmp_path / "out"), "-q",
-                "--no-dashboard", "--health-listen", "no-such-host.invalid:1", timeout=60)
+    r = threepc(
+        "serve",
+        str(config),
+        "--listen",
+        "127.0.0.1:0",
+        "--out",
+        str(tmp_path / "out"),
+        "-q",
+        "--no-dashboard",
+        "--health-listen",
+        "no-such-host.invalid:1",
+        timeout=60,
+    )
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == (
         "threepc: error: --health-listen: cannot listen on no-such-host.invalid:1"
     )
 
 
-def test_a_certificate_for_another_host_is_one_line_naming_the_subject_alt_name(tmp_path: Path) -> None:
+def test_a_certificate_for_another_host_is_one_line_naming_the_subject_alt_name(
+    tmp_path: Path,
+) -> None:
     # The Kubernetes name, dialed as localhost: the CA is right, the name is not.
     tls = certificates(tmp_path, "threepc-coordinator")
     config = write_config(tmp_path / "c.toml", CONFIG)
     port = free_port()
     log = tmp_path / "serve.log"
-    server = spawn("serve", str(config), "--listen", f"127.0.0.1:{port}", "--out", str(tmp_path / "out"),
-                   "-q", "--no-dashboard", "--tls-cert", str(tls["cert"]), "--tls-key", str(tls["key"]), log=log)
+    server = spawn(
+        "serve",
+        str(config),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--out",
+        str(tmp_path / "out"),
+        "-q",
+        "--no-dashboard",
+        "--tls-cert",
+        str(tls["cert"]),
+        "--tls-key",
+        str(tls["key"]),
+        log=log,
+    )
     try:
-        by_name = threepc("worker", "-c", f"localhost:{port}", "--tls-ca", str(tls["ca"]),
-                          "--connect-timeout", "30", timeout=120)
-        by_address = threepc("worker", "-c", f"127.0.0.1:{port}", "--tls-ca", str(tls["ca"]),
-                             "--connect-timeout", "30", timeout=120)
+        by_name = threepc(
+            "worker",
+            "-c",
+            f"localhost:{port}",
+            "--tls-ca",
+            str(tls["ca"]),
+            "--connect-timeout",
+            "30",
+            timeout=120,
+        )
+        by_address = threepc(
+            "worker",
+            "-c",
+            f"127.0.0.1:{port}",
+            "--tls-ca",
+            str(tls["ca"]),
+            "--connect-timeout",
+            "30",
+            timeout=120,
+        )
     finally:
         server.kill()
         server.wait()
-    for r, dialed, entry in ((by_name, "localhost", "DNS:localhost"), (by_address, "127.0.0.1", "IP:127.0.0.1")):
+    for r, dialed, entry in (
+        (by_name, "localhost", "DNS:localhost"),
+        (by_address, "127.0.0.1", "IP:127.0.0.1"),
+    ):
         assert r.returncode == 1
         assert r.stderr.strip().splitlines() == [
             (
@@ -132,15 +200,35 @@ def readme_recipe() -> str:
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not on PATH")
 def test_the_readme_certificate_recipe_serves_tls_to_the_names_workers_dial(tmp_path: Path) -> None:
-    r = subprocess.run(["bash", "-euo", "pipefail", "-c", readme_recipe()], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=120, check=False)
+    r = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", readme_recipe()],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     config = write_config(tmp_path / "c.toml", CONFIG)
     port, health_port = free_port(), free_port()
     log = tmp_path / "serve.log"
-    server = spawn("serve", str(config), "--listen", f"127.0.0.1:{port}", "--out", str(tmp_path / "out"),
-                   "-q", "--no-dashboard", "--tls-cert", str(tmp_path / "tls.crt"),
-                   "--tls-key", str(tmp_path / "tls.key"), "--health-listen", f"127.0.0.1:{health_port}", log=log)
+    server = spawn(
+        "serve",
+        str(config),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--out",
+        str(tmp_path / "out"),
+        "-q",
+        "--no-dashboard",
+        "--tls-cert",
+        str(tmp_path / "tls.crt"),
+        "--tls-key",
+        str(tmp_path / "tls.key"),
+        "--health-listen",
+        f"127.0.0.1:{health_port}",
+        log=log,
+    )
     try:
         wait_serving(f"127.0.0.1:{health_port}", server, log)
         trusted = grpc.ssl_channel_credentials((tmp_path / "ca.crt").read_bytes())
@@ -150,8 +238,9 @@ def test_the_readme_certificate_recipe_serves_tls_to_the_names_workers_dial(tmp_
             with grpc.secure_channel(f"127.0.0.1:{port}", trusted, options=options) as channel:
                 assert health(channel) == health_pb2.HealthCheckResponse.SERVING
         elsewhere = [("grpc.ssl_target_name_override", "elsewhere")]
-        with grpc.secure_channel(f"127.0.0.1:{port}", trusted, options=elsewhere) as channel, pytest.raises(
-            grpc.RpcError
+        with (
+            grpc.secure_channel(f"127.0.0.1:{port}", trusted, options=elsewhere) as channel,
+            pytest.raises(grpc.RpcError),
         ):
             health(channel)  # and no other name
     finally:
