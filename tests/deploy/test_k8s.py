@@ -22,7 +22,7 @@ kubernetes_validate = pytest.importorskip(
 )
 
 DEPLOY = ROOT / "deploy"
-# 1.28 is the oldest release with the batch.kubernetes.io/controller-uid label; 1.30 the one we name.
+# 1.28: the oldest release we name (Job pods carry batch.kubernetes.io/controller-uid since 1.27).
 KUBERNETES_VERSIONS = ("1.28.0", "1.30.0")
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 JOB_UID = "metadata.labels['batch.kubernetes.io/controller-uid']"
