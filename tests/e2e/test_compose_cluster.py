@@ -58,7 +58,7 @@ k = 2
 name = "logreg_nonconvex"
 lam = 0.1
 [data]
-dataset = "australian"
+dataset = "australian_scale"
 """
 # The second run: long enough (each worker waits THROTTLE_S before each update) to kill a worker in it.
 RESTART_ROUNDS = 150
@@ -228,7 +228,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Compose,
     }
     paths["out"].mkdir()
     paths["data"].mkdir()
-    shutil.copy(SHARED_DATA / "australian.bz2", paths["data"])  # only the mounted folder has it
+    shutil.copy(SHARED_DATA / "australian_scale.bz2", paths["data"])  # only the mounted folder has it
     # TLS: the coordinator's certificate names the host the workers dial, `coordinator`.
     paths["tls"] = tmp_path / "tls"
     paths["tls"].mkdir()
@@ -312,7 +312,7 @@ def _without(compose: Compose, *names: str) -> Compose:
     return Compose(compose.files, {k: v for k, v in compose.env.items() if k not in names})
 
 
-@requires_shared_data("australian")
+@requires_shared_data("australian_scale")
 def test_compose_cluster_of_scaled_workers_equals_the_in_process_run(
     cluster: tuple[Compose, dict[str, Path]],
 ) -> None:
@@ -390,7 +390,7 @@ def test_compose_cluster_of_scaled_workers_equals_the_in_process_run(
     assert compose.ids("coordinator") == compose.ids("worker") == []
 
 
-@requires_shared_data("australian")
+@requires_shared_data("australian_scale")
 def test_a_killed_compose_worker_restarts_and_rejoins_and_a_lingering_coordinator_goes_with_down(
     cluster: tuple[Compose, dict[str, Path]], tmp_path: Path
 ) -> None:
