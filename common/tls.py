@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import grpc
@@ -33,6 +34,16 @@ def channel_credentials(ca_file: str | Path) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(root_certificates=_read(ca_file, "--tls-ca"))
 
 
+def _san(address: str) -> str:
+    """The subjectAltName entry that names the host of HOST:PORT (or [V6]:PORT)."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return f"DNS:{host}"
+    return f"IP:{host}"
+
+
 # Words gRPC (BoringSSL) uses when the TLS handshake fails, and what they mean to a user.
 _HANDSHAKE = ("ssl", "handshake", "certificate", "tsi_", "hostname verification", "alpn")
 
@@ -47,7 +58,8 @@ def handshake_failure(details: str, address: str, tls: bool) -> TransportError |
     if "wrong_version_number" in lowered:
         why = "the coordinator does not serve TLS (start it with --tls-cert and --tls-key, or drop --tls-ca)"
     elif "hostname" in lowered:
-        why = f"the coordinator's certificate does not name the host in {address}"
+        why = (f"the coordinator's certificate does not name the host in {address}: its subjectAltName "
+               f"must list {_san(address)} (reissue it with that name, or dial a name it lists)")
     else:
         why = "the coordinator's certificate is not signed by the CA given with --tls-ca, or names another host"
     return TransportError(f"TLS handshake with {address} failed: {why}")

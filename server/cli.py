@@ -275,12 +275,15 @@ def _report_lost(summary: dict) -> int:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--linger", is_flag=True, envvar="THREEPC_LINGER",
               help="After the run, keep serving health and the dashboard until SIGTERM (for Kubernetes).")
+@click.option("--health-listen", envvar="THREEPC_HEALTH_LISTEN", metavar="ADDR", default=None,
+              help="Also serve grpc.health.v1 alone, in plaintext, on ADDR (or THREEPC_HEALTH_LISTEN): "
+                   "for probes that cannot speak TLS (kubelet's).")
 @config_options
 def serve(
     config_file: str | None, listen: str, out: str | None, resume: str | None, overwrite: bool, auto_resume: bool,
     token: str,
     tls_cert: str | None, tls_key: str | None, dashboard: str, no_dashboard: bool, linger: bool, quiet: bool,
-    workers: int | None, rounds: int | None, seed: int | None,
+    workers: int | None, rounds: int | None, seed: int | None, health_listen: str | None = None,
 ) -> None:
     """Run the coordinator of CONFIG_FILE alone; workers join with `threepc worker`.
 
@@ -377,7 +380,7 @@ def serve(
         asyncio.run(
             serve_run(the_plan, listen, on_round, on_listening, token, None if no_dashboard else dashboard, _announce,
                       out_dir=Path(out), resume=resumed, credentials=credentials, on_finished=on_finished,
-                      linger=linger)
+                      linger=linger, health_listen=health_listen)
         )
     except checkpoint.Stopped as stop:
         progress.stop()

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from threepc.common.engine import Plan
-from threepc.common.errors import ConfigError, ThreePCError
+from threepc.common.errors import ConfigError, ThreePCError, TransportError
 from threepc.server.checkpoint import Checkpoint
 from threepc.server.coordinator import Coordinator, start_server
 
@@ -148,11 +148,13 @@ async def serve(
     credentials: grpc.ServerCredentials | None = None,
     on_finished: Callable[[Coordinator], None] | None = None,
     linger: bool = False,
+    health_listen: str | None = None,
 ) -> Coordinator:
     """Listen on `listen`, run the rounds once every worker is ready, stop gracefully.
 
     `out_dir`: where checkpoints go (every `checkpoint_every` rounds, and on SIGTERM, after
     which `checkpoint.Stopped` is raised). `resume`: a checkpoint and the rows before it.
+    `health_listen`: also serve grpc.health.v1 alone, in plaintext, there (`health_server`).
     """
     coordinator = Coordinator(plan, on_round, token, checkpoint_dir=out_dir)
     if resume is not None:
@@ -161,7 +163,7 @@ async def serve(
     if on_listening:
         on_listening(port)
     try:
-        async with dashboard_for(coordinator, dashboard, on_dashboard):
+        async with health_server(health_listen), dashboard_for(coordinator, dashboard, on_dashboard):
             with on_sigterm(coordinator.request_stop):  # checkpoint and stop after the open round
                 await coordinator.run()
             if on_finished:
@@ -174,6 +176,39 @@ async def serve(
     finally:
         await server.stop(5)
     return coordinator
+
+
+@contextlib.asynccontextmanager
+async def health_server(listen: str | None) -> AsyncIterator[int | None]:
+    """A plaintext gRPC server of grpc.health.v1 and nothing else on `listen`, SERVING while inside;
+    yields its port (None without an address).
+
+    Kubelet's gRPC probes speak plaintext only, so a coordinator serving TLS could never become
+    ready on its own port; this port tells a probe that the coordinator's event loop answers and
+    carries no training traffic, token or key.
+    """
+    if listen is None:
+        yield None
+        return
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise TransportError(f"--health-listen: cannot listen on {listen}")
+    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await server.start()
+    log.info("grpc.health.v1 (plaintext) on port %d", port)
+    try:
+        yield port
+    finally:
+        await servicer.enter_graceful_shutdown()  # NOT_SERVING while the coordinator stops
+        await server.stop(1)
 
 
 async def until_signalled() -> None:
