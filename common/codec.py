@@ -25,10 +25,12 @@ from threepc.common.hadamard import padded_size
 from threepc.common.payloads import (
     Chosen,
     DenseVector,
+    Expect,
     Grid,
     IndexRule,
     Message,
     Mode,
+    PartKind,
     QuantizedVector,
     SeededQuantizedVector,
     SeededSparseVector,
@@ -57,6 +59,10 @@ _DTYPE_TO_PROTO = {
 _DTYPE_FROM_PROTO = {v: k for k, v in _DTYPE_TO_PROTO.items()}
 _NUMPY = {"float64": "<f8", "float32": "<f4", "float16": "<f2"}
 _ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+# The largest finite value of each wire dtype: a dtype whose range fits in the state dtype's
+# needs no range check beyond finiteness (bfloat16's is float32's but for its last mantissa bits).
+_DTYPE_MAX = {name: float(np.finfo(np.dtype(code)).max) for name, code in _NUMPY.items()}
+_DTYPE_MAX["bfloat16"] = _DTYPE_MAX["float32"]
 
 
 NO_BULK: Mapping[str, Buffer] = {}
@@ -209,22 +215,66 @@ def _packed(field: str, decode: Callable[..., _R], *args: object) -> _R:
 
 MAX_CHOICE_BITS = 2
 
+# Payload classes by the wire's oneof name: the kind of a part, read from its header alone.
+_KIND = {
+    "dense": DenseVector,
+    "sparse": SparseVector,
+    "seeded": SeededSparseVector,
+    "quantized": QuantizedVector,
+    "seeded_quantized": SeededQuantizedVector,
+    "sign": SignVector,
+}
+
 
 def part_from_proto(
-    proto: ProtoPart, d: int, field: str = "part", bulk: Mapping[str, Buffer] = NO_BULK
+    proto: ProtoPart,
+    d: int,
+    field: str = "part",
+    bulk: Mapping[str, Buffer] = NO_BULK,
+    expect: Expect | None = None,
 ) -> VectorPayload:
-    """A validated vector payload of dimension d (wrapped in `Chosen` if it carries a choice)."""
+    """A validated vector payload of dimension d (wrapped in `Chosen` if it carries a choice).
+
+    With `expect` (what the run's method sends): values in another dtype than the run's, or
+    beyond its state dtype's range, are refused, and PermK may cut d into up to n blocks (else
+    up to d: without n, a block count is bounded by what d allows)."""
     if proto.choice_bits > MAX_CHOICE_BITS:
         raise DecodeError(f"{field}.choice_bits: {proto.choice_bits}, at most {MAX_CHOICE_BITS}")
-    payload = _payload_from_proto(proto, d, field, bulk)
+    payload = _payload_from_proto(proto, d, field, bulk, expect)
     return Chosen(payload, proto.choice_bits) if proto.choice_bits else payload
 
 
-def _payload_from_proto(proto: ProtoPart, d: int, field: str, bulk: Mapping[str, Buffer]) -> VectorPayload:
+def _values(
+    data: Buffer, proto_dtype: int, count: int, field: str, expect: Expect | None
+) -> tuple[np.ndarray, str]:
+    """values_from_bytes, and with `expect`: in the run's value dtype, within its state's range."""
+    values, dtype = values_from_bytes(data, proto_dtype, count, field)
+    if expect is None:
+        return values, dtype
+    if dtype != expect.value_dtype:
+        raise DecodeError(f"{field}: {dtype} values, this run sends {expect.value_dtype} (wire.value_dtype)")
+    if _DTYPE_MAX[dtype] > expect.bound and values.size:
+        # Finite in the wire dtype, but a float64 value of 1e39 is no value of float32 state.
+        top = float(np.max(np.abs(values)))
+        if top > expect.bound:
+            raise DecodeError(
+                f"{field}: |value| up to {top:.7g}, beyond the state dtype's range (|x| <= {expect.bound:.7g})"
+            )
+    return values, dtype
+
+
+def _blocks_bound(d: int, expect: Expect | None) -> int:
+    """The most blocks PermK may cut d into: n (n > d: a coordinate shared by ~n/d workers)."""
+    return d if expect is None else expect.workers
+
+
+def _payload_from_proto(
+    proto: ProtoPart, d: int, field: str, bulk: Mapping[str, Buffer], expect: Expect | None
+) -> VectorPayload:
     kind = proto.WhichOneof("kind")
     if kind == "dense":
         path = f"{field}.dense.values"
-        values, dtype = values_from_bytes(_get(proto.dense, "values", path, bulk), proto.dense.dtype, d, path)
+        values, dtype = _values(_get(proto.dense, "values", path, bulk), proto.dense.dtype, d, path, expect)
         return DenseVector(values, dtype)
     if kind == "sparse":
         sp = proto.sparse
@@ -233,7 +283,7 @@ def _payload_from_proto(proto: ProtoPart, d: int, field: str, bulk: Mapping[str,
         path = f"{field}.sparse.indices"
         indices = _packed(path, bitpack.decode_indices, sp.index_coding, _get(sp, "indices", path, bulk), sp.count, d)
         path = f"{field}.sparse.values"
-        values, dtype = values_from_bytes(_get(sp, "values", path, bulk), sp.dtype, sp.count, path)
+        values, dtype = _values(_get(sp, "values", path, bulk), sp.dtype, sp.count, path, expect)
         return SparseVector(d, indices, values, dtype)
     if kind == "seeded":
         ss = proto.seeded
@@ -242,10 +292,11 @@ def _payload_from_proto(proto: ProtoPart, d: int, field: str, bulk: Mapping[str,
         rule = IndexRule(ss.rule)
         if ss.count > d:
             raise DecodeError(f"{field}.seeded.count: {ss.count} > d = {d}")
-        if rule is IndexRule.PERM_K and not (0 < ss.blocks <= d and ss.block < ss.blocks):
-            raise DecodeError(f"{field}.seeded: block {ss.block} of {ss.blocks} invalid for d = {d}")
+        limit = _blocks_bound(d, expect)
+        if rule is IndexRule.PERM_K and not (0 < ss.blocks <= limit and ss.block < ss.blocks):
+            raise DecodeError(f"{field}.seeded: block {ss.block} of {ss.blocks} invalid (blocks in [1, {limit}])")
         path = f"{field}.seeded.values"
-        values, dtype = values_from_bytes(_get(ss, "values", path, bulk), ss.dtype, ss.count, path)
+        values, dtype = _values(_get(ss, "values", path, bulk), ss.dtype, ss.count, path, expect)
         payload = SeededSparseVector(rule, ss.seed, values, ss.block, ss.blocks, dtype)
         if rule is IndexRule.PERM_K and payload.indices(d).size != ss.count:
             raise DecodeError(f"{field}.seeded.count: {ss.count} values for a block of {payload.indices(d).size}")
@@ -256,8 +307,11 @@ def _payload_from_proto(proto: ProtoPart, d: int, field: str, bulk: Mapping[str,
         sq = proto.seeded_quantized
         if sq.rule != IndexRule.PERM_K:
             raise DecodeError(f"{field}.seeded_quantized.rule: {sq.rule}, expected PERM_K")
-        if not (0 < sq.blocks <= d and sq.block < sq.blocks):
-            raise DecodeError(f"{field}.seeded_quantized: block {sq.block} of {sq.blocks} invalid for d = {d}")
+        limit = _blocks_bound(d, expect)
+        if not (0 < sq.blocks <= limit and sq.block < sq.blocks):
+            raise DecodeError(
+                f"{field}.seeded_quantized: block {sq.block} of {sq.blocks} invalid (blocks in [1, {limit}])"
+            )
         count = int(perm_k_block(d, sq.seed, sq.block, sq.blocks)[0].size)
         quantized = _quantized_from_proto(sq.quantized, count, f"{field}.seeded_quantized.quantized", bulk)
         return SeededQuantizedVector(IndexRule.PERM_K, sq.seed, sq.block, sq.blocks, quantized)
@@ -324,9 +378,19 @@ MAX_PARTS = 4  # the largest composition (3PCv3 over 3PCv2) sends three parts
 
 
 def message_from_proto(
-    proto: ProtoUpdate, d: int, t: int, worker_id: int, bulk: Mapping[str, Buffer] = NO_BULK
+    proto: ProtoUpdate,
+    d: int,
+    t: int,
+    worker_id: int,
+    bulk: Mapping[str, Buffer] = NO_BULK,
+    expect: Expect | None = None,
 ) -> Message:
-    """A validated Message for round t from worker `worker_id`, dimension d."""
+    """A validated Message for round t from worker `worker_id`, dimension d.
+
+    `expect`: what the run's method sends this worker now (`Aggregator.expects`); a message of
+    another form (a dense update in an EF21/TopK round, a REPLACE where only DELTA is sent) is
+    refused from its header, before its values are read, and so are values in another dtype or
+    beyond the state dtype's range. None: any well-formed message (tests, benchmarks)."""
     if proto.round != t:
         raise DecodeError(f"update.round: {proto.round}, expected the current round {t}")
     if proto.worker_id != worker_id:
@@ -337,7 +401,14 @@ def message_from_proto(
         raise DecodeError(f"update.parts: {len(proto.parts)} parts, at most {MAX_PARTS}")
     if proto.flag_bits > 1:
         raise DecodeError(f"update.flag_bits: {proto.flag_bits}, expected 0 or 1")
-    parts = tuple(part_from_proto(p, d, f"update.parts[{i}]", bulk) for i, p in enumerate(proto.parts))
+    if expect is not None:
+        kinds = [_KIND.get(p.WhichOneof("kind") or "") for p in proto.parts]
+        if all(kinds):  # else the part's own decoder names what is missing
+            sent = tuple(PartKind(k, p.choice_bits > 0) for k, p in zip(kinds, proto.parts))  # type: ignore[arg-type]
+            if not expect.admits(Mode(proto.mode), sent):
+                form = f"{Mode(proto.mode).name}({', '.join(map(str, sent))})"
+                raise DecodeError(f"update: a message of form {form}, but this run's method sends {expect.describe()}")
+    parts = tuple(part_from_proto(p, d, f"update.parts[{i}]", bulk, expect) for i, p in enumerate(proto.parts))
     return Message(Mode(proto.mode), parts, proto.flag_bits)
 
 

@@ -14,6 +14,7 @@ STATUS: dict[type[errors.ThreePCError], grpc.StatusCode] = {
     errors.ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.DataError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.DecodeError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.RefusedUpdate: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ProtocolError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.AuthError: grpc.StatusCode.UNAUTHENTICATED,
     errors.MismatchError: grpc.StatusCode.FAILED_PRECONDITION,
