@@ -397,17 +397,20 @@ class Aggregator:
         if indices is not None:
             # In place, touching only the k coordinates the message changes: the same float64
             # additions as message.apply(old) at those coordinates, so the mirror still equals
-            # the worker's h bit for bit (tested against the dense path). g_sum stays finite
-            # (it is checked at every change), so a non-finite new value shows in its new sum.
+            # the worker's h bit for bit (tested against the dense path). Checked by the rows'
+            # bounds (`_fits`), else exactly: g_sum stays finite (it is checked at every change),
+            # so a non-finite new value shows in its new sum, and that in the step it makes.
             old_values = old[indices]
             new_values = (old_values + np.asarray(message.parts[0].values, dtype=np.float64)).astype(old.dtype)
             new_sum = self.g_sum[indices] + np.subtract(new_values, old_values, dtype=np.float64)
-            if not (np.isfinite(new_sum).all() and self._steps_fit(self.x[indices], new_sum)):
+            top = float(self._row_max[worker_id])
+            if new_values.size:
+                top = float(np.maximum(top, _largest(new_values)))  # NaN stays NaN
+            if not (self._fits(worker_id, top) or self._steps_fit(self.x[indices], new_sum)):
                 raise self._refused(worker_id, indices.size)
             self.g_sum[indices] = new_sum
             old[indices] = new_values
-            if new_values.size:
-                self._row_max[worker_id] = max(self._row_max[worker_id], _largest(new_values))
+            self._row_max[worker_id] = top
             if self.tracks_change:
                 self._touched[indices] = True
             return
@@ -443,12 +446,16 @@ class Aggregator:
         top = _largest(new)
         if not top <= self.state_max:  # NaN too
             raise self._refused(worker_id, self.d, f"a value of {top:.7g} for state of |x| <= {self.state_max:.7g}")
-        bound = float(self._row_max.sum()) - float(self._row_max[worker_id]) + top
-        if bound <= _SAFE_SUM and self._factor * bound + self._x_top() <= self.state_max / 2:
-            return top
-        if not self._sum_and_step_fit(worker_id, new):
+        if not (self._fits(worker_id, top) or self._sum_and_step_fit(worker_id, new)):
             raise self._refused(worker_id, self.d)
         return top
+
+    def _fits(self, worker_id: int, top: float) -> bool:
+        """Whether worker_id's mirror with largest |value| `top` keeps g_sum and x^{t+1} far
+        inside their ranges, by the rows' bounds alone (no pass over d)."""
+        bound = float(self._row_max.sum()) - float(self._row_max[worker_id]) + top
+        within = top <= self.state_max and bound <= _SAFE_SUM  # False for NaN
+        return within and self._factor * bound + self._x_top() <= self.state_max / 2
 
     def _sum_and_step_fit(self, worker_id: int, new: np.ndarray) -> bool:
         """Whether g_sum stays finite, and x^{t+1} within the state dtype's range, with worker_id's
@@ -461,18 +468,17 @@ class Aggregator:
                 total = self.mirrors.sum(axis=0, dtype=np.float64)  # as _sum_mirrors sums them
             finally:
                 np.copyto(mirror, kept)
-            return bool(np.isfinite(total).all()) and self._steps_fit(self.x, total)
+            return self._steps_fit(self.x, total)
         for block in blocks(self.d):
             difference = np.subtract(new[block].astype(mirror.dtype), mirror[block], dtype=np.float64)
-            new_sum = self.g_sum[block] + difference
-            if not (np.isfinite(new_sum).all() and self._steps_fit(self.x[block], new_sum)):
+            if not self._steps_fit(self.x[block], self.g_sum[block] + difference):
                 return False
         return True
 
     def _steps_fit(self, x: np.ndarray, g_sum: np.ndarray) -> bool:
         """Whether x - (gamma / n) g_sum, in float64 as `next_iterate` computes it, stays within
-        the state dtype's range (it is rounded into it)."""
-        return bool((np.abs(x.astype(np.float64) - g_sum * self._factor) <= self.state_max).all())
+        the state dtype's range (it is rounded into it); False too where g_sum is not finite."""
+        return bool((np.abs(x - g_sum * self._factor) <= self.state_max).all())
 
     def _x_top(self) -> float:
         """max |x^t|, computed once a round, where a bound needs it."""
