@@ -351,6 +351,10 @@ class Aggregator:
         self._row_max = np.zeros(self.n)
         self._factor = self.step_scale / self.n  # x^{t+1} = x^t - factor g_sum (next_iterate)
         self._x_top_cache: float | None = None
+        # This round's updates taken and refused: a round whose every update was refused is the
+        # run diverging (honest workers' updates all leaving the range), not a hostile peer.
+        self._taken_round = 0
+        self._refused_round = 0
         self._scratch = np.empty(min(self.d, BLOCK))  # a block of new - old of a dense message
         self.t = 0
         self.meters = [WorkerMeter() for _ in range(self.n)]
@@ -380,6 +384,7 @@ class Aggregator:
         if not message.is_skip:
             with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused, not warned about
                 self._update_mirror(worker_id, message)
+        self._taken_round += 1
         meter = self.meters[worker_id]
         meter.bits += message.bits()
         meter.value_bits += message.value_bits()
@@ -487,6 +492,7 @@ class Aggregator:
         return self._x_top_cache
 
     def _refused(self, worker_id: int, touched: int, why: str = "") -> RefusedUpdate:
+        self._refused_round += 1
         reason = why or "a new mirror value, their sum or the next iterate would not be finite"
         return RefusedUpdate(
             f"worker {worker_id}'s update for round {self.t} would make the aggregate non-finite "
@@ -527,7 +533,14 @@ class Aggregator:
         `absent`: workers whose message did not come this round. Their mirrors stay; for a
         method that needs every worker under the "drop" policy, g^t is the mean of the mirrors
         of the workers present (rescaled), and their stale mirrors are left out.
+        DivergedError if updates came and every one was refused (`apply`): no worker's update
+        fits any more, as when a stepsize too large makes x^{t+1} overflow.
         """
+        if self._refused_round and not self._taken_round:
+            raise DivergedError(
+                f"the run diverged at round {self.t}: each of its {self._refused_round} updates would have made "
+                "the aggregate non-finite, and none could be applied"
+            )
         row: dict[str, float | int | None] = {"round": self.t}
         for worker_id in absent:
             self.meters[worker_id].absent += 1
@@ -561,6 +574,7 @@ class Aggregator:
             else:
                 self.change = (None, self.g_sum) if changed is None else (changed, self.g_sum[changed])
         self._x_top_cache = None
+        self._taken_round = self._refused_round = 0
         if not np.isfinite(self.x).all():
             raise DivergedError(f"the run diverged at round {self.t}: the iterate is no longer finite")
         self.t += 1
@@ -705,16 +719,21 @@ def run_in_process(plan_: Plan, on_round: RoundCallback | None = None) -> RunRes
     agg = Aggregator(plan_)
     result = RunResult()
     start = time.perf_counter()
+    refused: list[int] = []  # workers whose update the last round refused (as the coordinator does)
     for t in range(config.rounds):
+        for i in refused:  # their state goes back to the mirror, as a Restore does over gRPC
+            if agg.holds(i):
+                nodes[i].restore(agg.mirrors[i], agg.x_prev)  # type: ignore[arg-type]
+            else:
+                nodes[i].state = None
+        refused = []
         for node in nodes:
             message, diagnostics = node.round(t, agg.x)
             try:
                 agg.apply(node.worker_id, message, diagnostics)
-            except RefusedUpdate as err:
-                # Every worker here is the run's own: an update past the state's range is the
-                # run diverging (over gRPC it could be a hostile peer's, refused and counted).
-                raise DivergedError(f"the run diverged at round {t}: {err}") from None
-        row = agg.finish_round()
+            except RefusedUpdate:
+                refused.append(node.worker_id)  # absent this round; all refused: finish_round ends the run
+        row = agg.finish_round(refused)
         row.update(wire_bytes_up=None, wire_bytes_down=None, elapsed_s=time.perf_counter() - start)
         result.rows.append(row)
         if on_round:

@@ -248,7 +248,9 @@ def test_apply_refuses_what_would_make_the_aggregate_non_finite_and_changes_noth
     dropped with it), and the run goes on: the round closes without that worker, finite, exactly
     as if its update had never come."""
     agg, reference = _after_round_0(**overrides), _after_round_0(**overrides)
-    for worker, message in before:
+    given = dict(before)
+    for worker in (0, 1):  # the others' updates of the round (a skip where none is given)
+        message = given.get(worker, Message(Mode.DELTA, (), 1))
         agg.apply(worker, message)
         reference.apply(worker, message)
     kept = _state(agg)
@@ -263,9 +265,25 @@ def test_apply_refuses_what_would_make_the_aggregate_non_finite_and_changes_noth
     )
 
 
-def test_a_refused_update_is_a_divergence_in_process() -> None:
-    """In process every worker is the run's own: an update past the state's range ends the run
-    as a divergence, with the round in one line (as before: it then failed at the step)."""
+def test_a_diverging_run_ends_in_process_where_it_ends_over_grpc() -> None:
+    """Least squares with a stepsize far too large: round 20 takes worker 0's update and refuses
+    the others' (each would push x^{21} past float32's range), round 21 refuses all three and
+    ends the run. In process the refused workers are absent and restored from the mirror, as the
+    coordinator does, so both transports end at the same round with the same rows (before, in
+    process ended at round 20 and over gRPC at 21)."""
     cfg = small(method="gd", compressor="identity", problem="least_squares", stepsize=100.0, rounds=60, wire=F64_INTO_F32)
-    with pytest.raises(DivergedError, match=r"the run diverged at round 20: worker \d's update .* non-finite"):
-        engine.run_in_process(engine.plan(cfg))
+    rows: list[dict] = []
+    with pytest.raises(DivergedError, match=r"the run diverged at round 21: each of its 3 updates would have made"):
+        engine.run_in_process(engine.plan(cfg), rows.append)
+    assert len(rows) == 21 and rows[20]["absent"] == 2 and all(r["absent"] == 0 for r in rows[:20])
+
+
+def test_a_round_whose_every_update_is_refused_is_a_divergence() -> None:
+    """Honest workers whose updates all leave the range (a stepsize too large) are not hostile
+    peers: the round ends the run as a divergence, as it did in process and over gRPC before."""
+    agg = _after_round_0(wire={"iterate_dtype": "float32"}, stepsize=10.0)
+    for worker in range(3):
+        with pytest.raises(RefusedUpdate):
+            agg.apply(worker, _dense(F32_MAX / 2, mode=Mode.DELTA))
+    with pytest.raises(DivergedError, match=r"the run diverged at round 1: each of its 3 updates would have made"):
+        agg.finish_round()

@@ -228,6 +228,37 @@ def test_a_finite_update_that_would_overflow_the_aggregate_is_refused_and_the_ru
     assert np.array_equal(c.agg.x, reference_x(the_plan, rows))  # nothing of it reached the aggregate
 
 
+def test_honest_updates_that_all_overflow_end_the_run_as_in_process() -> None:
+    """Refusing what would overflow must not turn a diverging run into one that loops on
+    refusals: the round whose every update is refused ends the run with DivergedError, at the
+    round and with the rows the in-process run gives."""
+    from threepc.common.engine import run_in_process
+    from threepc.common.errors import DivergedError
+
+    text = (
+        'workers = 3\nrounds = 60\nseed = 1\nmethod = "gd"\ncompressor = "identity"\nproblem = "least_squares"\n'
+        'stepsize = 100.0\n[data]\ndataset = "synthetic"\nrows = 300\ndim = 30\n'
+        '[wire]\nvalue_dtype = "float64"\niterate_dtype = "float32"\n'
+    )
+    the_plan = make_plan(text)
+
+    async def main() -> tuple[Coordinator, list[Any]]:
+        async with on_loopback(the_plan) as (c, address):
+            run = asyncio.ensure_future(c.run())
+            workers = [asyncio.ensure_future(run_worker(worker(address, i, reconnect_timeout_s=3))) for i in range(3)]
+            return c, await asyncio.wait_for(asyncio.gather(run, *workers, return_exceptions=True), 120)
+
+    c, results = asyncio.run(main())
+    local: list[dict] = []
+    with pytest.raises(DivergedError) as in_process:
+        run_in_process(the_plan, local.append)
+    assert isinstance(results[0], DivergedError) and str(results[0]) == str(in_process.value)
+    assert "the run diverged at round 21" in str(results[0])
+    assert len(c.rows) == len(local) == 21 and c.rows[20]["refused"] == 2
+    assert [r["grad_norm_sq"] for r in c.rows] == [r["grad_norm_sq"] for r in local]
+    assert [r["absent_workers"] for r in c.rows[19:]] == [[], [1, 2]]
+
+
 def test_an_oversize_message_is_refused_and_counted() -> None:
     the_plan = make_plan(CONFIG + "[wire]\nmax_message_bytes = 65536\n")
 
