@@ -37,6 +37,7 @@ from threepc.common.payloads import (
     SignVector,
     SparseVector,
     VectorPayload,
+    largest_magnitude,
     perm_k_block,
 )
 from threepc.common.splice import BULK_MIN, Buffer, Bulk, byte_view
@@ -59,10 +60,6 @@ _DTYPE_TO_PROTO = {
 _DTYPE_FROM_PROTO = {v: k for k, v in _DTYPE_TO_PROTO.items()}
 _NUMPY = {"float64": "<f8", "float32": "<f4", "float16": "<f2"}
 _ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
-# The largest finite value of each wire dtype: a dtype whose range fits in the state dtype's
-# needs no range check beyond finiteness (bfloat16's is float32's but for its last mantissa bits).
-_DTYPE_MAX = {name: float(np.finfo(np.dtype(code)).max) for name, code in _NUMPY.items()}
-_DTYPE_MAX["bfloat16"] = _DTYPE_MAX["float32"]
 
 
 NO_BULK: Mapping[str, Buffer] = {}
@@ -101,6 +98,14 @@ def _get(proto: Any, name: str, path: str, bulk: Mapping[str, Buffer]) -> Buffer
 
 def values_from_bytes(data: Buffer, proto_dtype: int, count: int, field: str) -> tuple[np.ndarray, str]:
     """`count` finite values from `data`; DecodeError on a wrong dtype, length or NaN/Inf."""
+    values, dtype = _parse_values(data, proto_dtype, count, field)
+    if not np.isfinite(values).all():
+        raise DecodeError(f"{field}: contains NaN or Inf")
+    return values, dtype
+
+
+def _parse_values(data: Buffer, proto_dtype: int, count: int, field: str) -> tuple[np.ndarray, str]:
+    """`count` values from `data` (not yet checked finite); DecodeError on a wrong dtype or length."""
     dtype = _DTYPE_FROM_PROTO.get(proto_dtype)
     if dtype is None:
         raise DecodeError(f"{field}: unknown dtype {proto_dtype}")
@@ -110,12 +115,8 @@ def values_from_bytes(data: Buffer, proto_dtype: int, count: int, field: str) ->
             f"{field}: {nbytes} bytes, expected {count} {dtype} values = {count * _ITEMSIZE[dtype]} bytes"
         )
     if dtype == "bfloat16":
-        values = (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32)
-    else:
-        values = np.frombuffer(data, _NUMPY[dtype])
-    if not np.isfinite(values).all():
-        raise DecodeError(f"{field}: contains NaN or Inf")
-    return values, dtype
+        return (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32), dtype
+    return np.frombuffer(data, _NUMPY[dtype]), dtype
 
 
 # ----------------------------------------------------------------------------- vector payloads
@@ -246,21 +247,20 @@ def part_from_proto(
 
 def _values(
     data: Buffer, proto_dtype: int, count: int, field: str, expect: Expect | None
-) -> tuple[np.ndarray, str]:
-    """values_from_bytes, and with `expect`: in the run's value dtype, within its state's range."""
-    values, dtype = values_from_bytes(data, proto_dtype, count, field)
+) -> tuple[np.ndarray, str, float]:
+    """values_from_bytes and their largest |value|; with `expect`: in the run's value dtype,
+    within its state dtype's range (a float64 value of 1e39 is finite, and no float32 state's)."""
+    values, dtype = _parse_values(data, proto_dtype, count, field)
+    top = largest_magnitude(values)  # NaN or Inf if any is: the same pass as a finiteness check
+    if not math.isfinite(top):
+        raise DecodeError(f"{field}: contains NaN or Inf")
     if expect is None:
-        return values, dtype
+        return values, dtype, top
     if dtype != expect.value_dtype:
         raise DecodeError(f"{field}: {dtype} values, this run sends {expect.value_dtype} (wire.value_dtype)")
-    if _DTYPE_MAX[dtype] > expect.bound and values.size:
-        # Finite in the wire dtype, but a float64 value of 1e39 is no value of float32 state.
-        top = float(np.max(np.abs(values)))
-        if top > expect.bound:
-            raise DecodeError(
-                f"{field}: |value| up to {top:.7g}, beyond the state dtype's range (|x| <= {expect.bound:.7g})"
-            )
-    return values, dtype
+    if top > expect.bound:
+        raise DecodeError(f"{field}: |value| up to {top:.7g}, beyond the state dtype's range (|x| <= {expect.bound:.7g})")
+    return values, dtype, top
 
 
 def _blocks_bound(d: int, expect: Expect | None) -> int:
@@ -274,8 +274,8 @@ def _payload_from_proto(
     kind = proto.WhichOneof("kind")
     if kind == "dense":
         path = f"{field}.dense.values"
-        values, dtype = _values(_get(proto.dense, "values", path, bulk), proto.dense.dtype, d, path, expect)
-        return DenseVector(values, dtype)
+        values, dtype, top = _values(_get(proto.dense, "values", path, bulk), proto.dense.dtype, d, path, expect)
+        return DenseVector(values, dtype, top)
     if kind == "sparse":
         sp = proto.sparse
         if sp.count > d:
@@ -283,7 +283,7 @@ def _payload_from_proto(
         path = f"{field}.sparse.indices"
         indices = _packed(path, bitpack.decode_indices, sp.index_coding, _get(sp, "indices", path, bulk), sp.count, d)
         path = f"{field}.sparse.values"
-        values, dtype = _values(_get(sp, "values", path, bulk), sp.dtype, sp.count, path, expect)
+        values, dtype, _ = _values(_get(sp, "values", path, bulk), sp.dtype, sp.count, path, expect)
         return SparseVector(d, indices, values, dtype)
     if kind == "seeded":
         ss = proto.seeded
@@ -296,7 +296,7 @@ def _payload_from_proto(
         if rule is IndexRule.PERM_K and not (0 < ss.blocks <= limit and ss.block < ss.blocks):
             raise DecodeError(f"{field}.seeded: block {ss.block} of {ss.blocks} invalid (blocks in [1, {limit}])")
         path = f"{field}.seeded.values"
-        values, dtype = _values(_get(ss, "values", path, bulk), ss.dtype, ss.count, path, expect)
+        values, dtype, _ = _values(_get(ss, "values", path, bulk), ss.dtype, ss.count, path, expect)
         payload = SeededSparseVector(rule, ss.seed, values, ss.block, ss.blocks, dtype)
         if rule is IndexRule.PERM_K and payload.indices(d).size != ss.count:
             raise DecodeError(f"{field}.seeded.count: {ss.count} values for a block of {payload.indices(d).size}")
@@ -404,7 +404,7 @@ def message_from_proto(
     if expect is not None:
         kinds = [_KIND.get(p.WhichOneof("kind") or "") for p in proto.parts]
         if all(kinds):  # else the part's own decoder names what is missing
-            sent = tuple(PartKind(k, p.choice_bits > 0) for k, p in zip(kinds, proto.parts))  # type: ignore[arg-type]
+            sent = tuple(PartKind(k, p.choice_bits > 0) for k, p in zip(kinds, proto.parts))
             if not expect.admits(Mode(proto.mode), sent):
                 form = f"{Mode(proto.mode).name}({', '.join(map(str, sent))})"
                 raise DecodeError(f"update: a message of form {form}, but this run's method sends {expect.describe()}")

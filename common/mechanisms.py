@@ -44,7 +44,7 @@ class Constants(NamedTuple):
 
 class Sends(NamedTuple):
     """The message forms a mechanism may send: its first message (a worker whose mirror holds
-    nothing yet, `first`), and every later one (`step`). The coordinator refuses any other."""
+    nothing yet: `first`), and every later one (`step`'s: `later`). The coordinator refuses any other."""
 
     first: frozenset[Form]
     later: frozenset[Form]

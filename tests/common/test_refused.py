@@ -287,3 +287,14 @@ def test_a_round_whose_every_update_is_refused_is_a_divergence() -> None:
             agg.apply(worker, _dense(F32_MAX / 2, mode=Mode.DELTA))
     with pytest.raises(DivergedError, match=r"the run diverged at round 1: each of its 3 updates would have made"):
         agg.finish_round()
+
+
+def test_a_decoded_dense_update_carries_its_largest_value_and_apply_checks_by_it() -> None:
+    """The decoder's finiteness pass finds max |value|; apply takes it instead of a pass of its own."""
+    decoded = through_the_wire(_dense(-1e39, "float64"), 30, 0, 2, None)
+    assert decoded.parts[0].largest == 1e39  # type: ignore[union-attr]
+    agg = engine.Aggregator(engine.plan(small(wire=F64_INTO_F32)))
+    kept = _state(agg)
+    with pytest.raises(RefusedUpdate, match=r"a value of 1e\+39 for state of \|x\| <= 3.402823e\+38"):
+        agg.apply(2, decoded)
+    assert _state(agg) == kept
