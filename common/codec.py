@@ -25,16 +25,19 @@ from threepc.common.hadamard import padded_size
 from threepc.common.payloads import (
     Chosen,
     DenseVector,
+    Expect,
     Grid,
     IndexRule,
     Message,
     Mode,
+    PartKind,
     QuantizedVector,
     SeededQuantizedVector,
     SeededSparseVector,
     SignVector,
     SparseVector,
     VectorPayload,
+    largest_magnitude,
     perm_k_block,
 )
 from threepc.common.splice import BULK_MIN, Buffer, Bulk, byte_view
@@ -95,6 +98,14 @@ def _get(proto: Any, name: str, path: str, bulk: Mapping[str, Buffer]) -> Buffer
 
 def values_from_bytes(data: Buffer, proto_dtype: int, count: int, field: str) -> tuple[np.ndarray, str]:
     """`count` finite values from `data`; DecodeError on a wrong dtype, length or NaN/Inf."""
+    values, dtype = _parse_values(data, proto_dtype, count, field)
+    if not np.isfinite(values).all():
+        raise DecodeError(f"{field}: contains NaN or Inf")
+    return values, dtype
+
+
+def _parse_values(data: Buffer, proto_dtype: int, count: int, field: str) -> tuple[np.ndarray, str]:
+    """`count` values from `data` (not yet checked finite); DecodeError on a wrong dtype or length."""
     dtype = _DTYPE_FROM_PROTO.get(proto_dtype)
     if dtype is None:
         raise DecodeError(f"{field}: unknown dtype {proto_dtype}")
@@ -104,12 +115,8 @@ def values_from_bytes(data: Buffer, proto_dtype: int, count: int, field: str) ->
             f"{field}: {nbytes} bytes, expected {count} {dtype} values = {count * _ITEMSIZE[dtype]} bytes"
         )
     if dtype == "bfloat16":
-        values = (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32)
-    else:
-        values = np.frombuffer(data, _NUMPY[dtype])
-    if not np.isfinite(values).all():
-        raise DecodeError(f"{field}: contains NaN or Inf")
-    return values, dtype
+        return (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32), dtype
+    return np.frombuffer(data, _NUMPY[dtype]), dtype
 
 
 # ----------------------------------------------------------------------------- vector payloads
@@ -209,23 +216,66 @@ def _packed(field: str, decode: Callable[..., _R], *args: object) -> _R:
 
 MAX_CHOICE_BITS = 2
 
+# Payload classes by the wire's oneof name: the kind of a part, read from its header alone.
+_KIND = {
+    "dense": DenseVector,
+    "sparse": SparseVector,
+    "seeded": SeededSparseVector,
+    "quantized": QuantizedVector,
+    "seeded_quantized": SeededQuantizedVector,
+    "sign": SignVector,
+}
+
 
 def part_from_proto(
-    proto: ProtoPart, d: int, field: str = "part", bulk: Mapping[str, Buffer] = NO_BULK
+    proto: ProtoPart,
+    d: int,
+    field: str = "part",
+    bulk: Mapping[str, Buffer] = NO_BULK,
+    expect: Expect | None = None,
 ) -> VectorPayload:
-    """A validated vector payload of dimension d (wrapped in `Chosen` if it carries a choice)."""
+    """A validated vector payload of dimension d (wrapped in `Chosen` if it carries a choice).
+
+    With `expect` (what the run's method sends): values in another dtype than the run's, or
+    beyond its state dtype's range, are refused, and PermK may cut d into up to n blocks (else
+    up to d: without n, a block count is bounded by what d allows)."""
     if proto.choice_bits > MAX_CHOICE_BITS:
         raise DecodeError(f"{field}.choice_bits: {proto.choice_bits}, at most {MAX_CHOICE_BITS}")
-    payload = _payload_from_proto(proto, d, field, bulk)
+    payload = _payload_from_proto(proto, d, field, bulk, expect)
     return Chosen(payload, proto.choice_bits) if proto.choice_bits else payload
 
 
-def _payload_from_proto(proto: ProtoPart, d: int, field: str, bulk: Mapping[str, Buffer]) -> VectorPayload:
+def _values(
+    data: Buffer, proto_dtype: int, count: int, field: str, expect: Expect | None
+) -> tuple[np.ndarray, str, float]:
+    """values_from_bytes and their largest |value|; with `expect`: in the run's value dtype,
+    within its state dtype's range (a float64 value of 1e39 is finite, and no float32 state's)."""
+    values, dtype = _parse_values(data, proto_dtype, count, field)
+    top = largest_magnitude(values)  # NaN or Inf if any is: the same pass as a finiteness check
+    if not math.isfinite(top):
+        raise DecodeError(f"{field}: contains NaN or Inf")
+    if expect is None:
+        return values, dtype, top
+    if dtype != expect.value_dtype:
+        raise DecodeError(f"{field}: {dtype} values, this run sends {expect.value_dtype} (wire.value_dtype)")
+    if top > expect.bound:
+        raise DecodeError(f"{field}: |value| up to {top:.7g}, beyond the state dtype's range (|x| <= {expect.bound:.7g})")
+    return values, dtype, top
+
+
+def _blocks_bound(d: int, expect: Expect | None) -> int:
+    """The most blocks PermK may cut d into: n (n > d: a coordinate shared by ~n/d workers)."""
+    return d if expect is None else expect.workers
+
+
+def _payload_from_proto(
+    proto: ProtoPart, d: int, field: str, bulk: Mapping[str, Buffer], expect: Expect | None
+) -> VectorPayload:
     kind = proto.WhichOneof("kind")
     if kind == "dense":
         path = f"{field}.dense.values"
-        values, dtype = values_from_bytes(_get(proto.dense, "values", path, bulk), proto.dense.dtype, d, path)
-        return DenseVector(values, dtype)
+        values, dtype, top = _values(_get(proto.dense, "values", path, bulk), proto.dense.dtype, d, path, expect)
+        return DenseVector(values, dtype, top)
     if kind == "sparse":
         sp = proto.sparse
         if sp.count > d:
@@ -233,7 +283,7 @@ def _payload_from_proto(proto: ProtoPart, d: int, field: str, bulk: Mapping[str,
         path = f"{field}.sparse.indices"
         indices = _packed(path, bitpack.decode_indices, sp.index_coding, _get(sp, "indices", path, bulk), sp.count, d)
         path = f"{field}.sparse.values"
-        values, dtype = values_from_bytes(_get(sp, "values", path, bulk), sp.dtype, sp.count, path)
+        values, dtype, _ = _values(_get(sp, "values", path, bulk), sp.dtype, sp.count, path, expect)
         return SparseVector(d, indices, values, dtype)
     if kind == "seeded":
         ss = proto.seeded
@@ -242,10 +292,11 @@ def _payload_from_proto(proto: ProtoPart, d: int, field: str, bulk: Mapping[str,
         rule = IndexRule(ss.rule)
         if ss.count > d:
             raise DecodeError(f"{field}.seeded.count: {ss.count} > d = {d}")
-        if rule is IndexRule.PERM_K and not (0 < ss.blocks <= d and ss.block < ss.blocks):
-            raise DecodeError(f"{field}.seeded: block {ss.block} of {ss.blocks} invalid for d = {d}")
+        limit = _blocks_bound(d, expect)
+        if rule is IndexRule.PERM_K and not (0 < ss.blocks <= limit and ss.block < ss.blocks):
+            raise DecodeError(f"{field}.seeded: block {ss.block} of {ss.blocks} invalid (blocks in [1, {limit}])")
         path = f"{field}.seeded.values"
-        values, dtype = values_from_bytes(_get(ss, "values", path, bulk), ss.dtype, ss.count, path)
+        values, dtype, _ = _values(_get(ss, "values", path, bulk), ss.dtype, ss.count, path, expect)
         payload = SeededSparseVector(rule, ss.seed, values, ss.block, ss.blocks, dtype)
         if rule is IndexRule.PERM_K and payload.indices(d).size != ss.count:
             raise DecodeError(f"{field}.seeded.count: {ss.count} values for a block of {payload.indices(d).size}")
@@ -256,8 +307,11 @@ def _payload_from_proto(proto: ProtoPart, d: int, field: str, bulk: Mapping[str,
         sq = proto.seeded_quantized
         if sq.rule != IndexRule.PERM_K:
             raise DecodeError(f"{field}.seeded_quantized.rule: {sq.rule}, expected PERM_K")
-        if not (0 < sq.blocks <= d and sq.block < sq.blocks):
-            raise DecodeError(f"{field}.seeded_quantized: block {sq.block} of {sq.blocks} invalid for d = {d}")
+        limit = _blocks_bound(d, expect)
+        if not (0 < sq.blocks <= limit and sq.block < sq.blocks):
+            raise DecodeError(
+                f"{field}.seeded_quantized: block {sq.block} of {sq.blocks} invalid (blocks in [1, {limit}])"
+            )
         count = int(perm_k_block(d, sq.seed, sq.block, sq.blocks)[0].size)
         quantized = _quantized_from_proto(sq.quantized, count, f"{field}.seeded_quantized.quantized", bulk)
         return SeededQuantizedVector(IndexRule.PERM_K, sq.seed, sq.block, sq.blocks, quantized)
@@ -324,9 +378,19 @@ MAX_PARTS = 4  # the largest composition (3PCv3 over 3PCv2) sends three parts
 
 
 def message_from_proto(
-    proto: ProtoUpdate, d: int, t: int, worker_id: int, bulk: Mapping[str, Buffer] = NO_BULK
+    proto: ProtoUpdate,
+    d: int,
+    t: int,
+    worker_id: int,
+    bulk: Mapping[str, Buffer] = NO_BULK,
+    expect: Expect | None = None,
 ) -> Message:
-    """A validated Message for round t from worker `worker_id`, dimension d."""
+    """A validated Message for round t from worker `worker_id`, dimension d.
+
+    `expect`: what the run's method sends this worker now (`Aggregator.expects`); a message of
+    another form (a dense update in an EF21/TopK round, a REPLACE where only DELTA is sent) is
+    refused from its header, before its values are read, and so are values in another dtype or
+    beyond the state dtype's range. None: any well-formed message (tests, benchmarks)."""
     if proto.round != t:
         raise DecodeError(f"update.round: {proto.round}, expected the current round {t}")
     if proto.worker_id != worker_id:
@@ -337,7 +401,14 @@ def message_from_proto(
         raise DecodeError(f"update.parts: {len(proto.parts)} parts, at most {MAX_PARTS}")
     if proto.flag_bits > 1:
         raise DecodeError(f"update.flag_bits: {proto.flag_bits}, expected 0 or 1")
-    parts = tuple(part_from_proto(p, d, f"update.parts[{i}]", bulk) for i, p in enumerate(proto.parts))
+    if expect is not None:
+        kinds = [_KIND.get(p.WhichOneof("kind") or "") for p in proto.parts]
+        if all(kinds):  # else the part's own decoder names what is missing
+            sent = tuple(PartKind(k, p.choice_bits > 0) for k, p in zip(kinds, proto.parts))
+            if not expect.admits(Mode(proto.mode), sent):
+                form = f"{Mode(proto.mode).name}({', '.join(map(str, sent))})"
+                raise DecodeError(f"update: a message of form {form}, but this run's method sends {expect.describe()}")
+    parts = tuple(part_from_proto(p, d, f"update.parts[{i}]", bulk, expect) for i, p in enumerate(proto.parts))
     return Message(Mode(proto.mode), parts, proto.flag_bits)
 
 

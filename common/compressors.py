@@ -29,6 +29,8 @@ from threepc.common.payloads import (
     DenseVector,
     Grid,
     IndexRule,
+    Kinds,
+    PartKind,
     QuantizedVector,
     SeededQuantizedVector,
     SeededSparseVector,
@@ -62,6 +64,9 @@ class Compressor(NamedTuple):
     E||mean_i Q_i(a_i) - mean_i a_i||^2 <= A mean_i ||a_i||^2 - B ||mean_i a_i||^2 (Szlendak et
     al. 2021), None where not known; `density_n(d, n)` the fraction at n workers.
 
+    `emits`: the payload kinds (`PartKind`) `compress` may return; a mechanism's message forms
+    are built from them, and a decoder refuses any other kind in that place.
+
     `flag_bits`: bits the compressor's own choice costs on top of its payload (the Bernoulli
     wrapper's coin); a payload cannot carry them, so the mechanism adds them to the Message's
     `flag_bits`.
@@ -77,6 +82,7 @@ class Compressor(NamedTuple):
     ab: WorkersFn | None = None
     density_n: WorkersFn | None = None
     flag_bits: int = 0
+    emits: Kinds = frozenset()  # the kinds of payload `compress` returns: the codec refuses others
 
 
 def _seed_from(rng: np.random.Generator) -> int:
@@ -90,7 +96,7 @@ def identity(dtype: str = "float32") -> Compressor:
     def compress(x: np.ndarray, r: Randomness) -> VectorPayload:
         return DenseVector(to_wire_dtype(x, dtype), dtype)
 
-    return Compressor("identity", compress, alpha=lambda d: 1.0, omega=lambda d: 0.0)
+    return Compressor("identity", compress, alpha=lambda d: 1.0, omega=lambda d: 0.0, emits=_kind(DenseVector))
 
 
 def _check_k(k: int, name: str) -> None:
@@ -157,6 +163,7 @@ def top_k(k: int = 1, dtype: str = "float32") -> Compressor:
         compress,
         alpha=lambda d: min(k, d) / d,
         density=lambda d: min(k, d) / d,
+        emits=_kind(SparseVector),
     )
 
 
@@ -182,6 +189,7 @@ def rand_k(k: int = 1, unbiased: bool = True, dtype: str = "float32") -> Compres
             omega=lambda d: d / min(k, d) - 1,
             density=lambda d: min(k, d) / d,
             deterministic=False,
+            emits=_kind(SeededSparseVector),
         )
     return Compressor(
         f"rand_k(k={k}, unbiased=False)",
@@ -189,6 +197,7 @@ def rand_k(k: int = 1, unbiased: bool = True, dtype: str = "float32") -> Compres
         alpha=lambda d: min(k, d) / d,
         density=lambda d: min(k, d) / d,
         deterministic=False,
+        emits=_kind(SeededSparseVector),
     )
 
 
@@ -205,10 +214,15 @@ def hard_threshold(threshold: float = 0.1, dtype: str = "float32") -> Compressor
         f"hard_threshold(threshold={threshold})",
         compress,
         absolute=lambda d: d * threshold**2,
+        emits=_kind(SparseVector),
     )
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _kind(payload: type) -> Kinds:
+    return frozenset({PartKind(payload)})
 
 
 def _frozen(arr: np.ndarray) -> np.ndarray:
@@ -290,6 +304,7 @@ def qsgd(s: int = 1, dtype: str = "float32") -> Compressor:
         omega=lambda d: min(d / s**2, math.sqrt(d) / s),
         density=lambda d: _fraction(SCALE_BITS + d * (1 + level_bits), d, dtype),
         deterministic=False,
+        emits=_kind(QuantizedVector),
     )
 
 
@@ -323,6 +338,7 @@ def natural_dithering(s: int = 2, dtype: str = "float32") -> Compressor:
         omega=lambda d: 1 / 8 + min(math.sqrt(d) / 2 ** (s - 1), d / 2 ** (2 * (s - 1))),
         density=lambda d: _fraction(SCALE_BITS + d * (1 + level_bits), d, dtype),
         deterministic=False,
+        emits=_kind(QuantizedVector),
     )
 
 
@@ -357,6 +373,7 @@ def natural_compression(dtype: str = "float32") -> Compressor:
         omega=lambda d: 1 / 8,
         density=lambda d: _fraction(9 * d, d, dtype),
         deterministic=False,
+        emits=_kind(QuantizedVector),
     )
 
 
@@ -377,6 +394,7 @@ def scaled_sign(dtype: str = "float32") -> Compressor:
         compress,
         alpha=lambda d: 1 / d,
         density=lambda d: _fraction(SCALE_BITS + d, d, dtype),
+        emits=_kind(SignVector),
     )
 
 
@@ -414,13 +432,16 @@ def drive(unbiased: bool = False, dtype: str = "float32") -> Compressor:
     if unbiased:
         # Measured here: 7-12% relative bias on Gaussian inputs (d = 8..30) with the Hadamard
         # rotation, so it claims no omega and methods that need an unbiased Q refuse it.
-        return Compressor("drive(unbiased=True)", compress, density=density, deterministic=False)
+        return Compressor(
+            "drive(unbiased=True)", compress, density=density, deterministic=False, emits=_kind(SignVector)
+        )
     return Compressor(
         "drive",
         compress,
         alpha=lambda d: 1 / hadamard.padded_size(d),
         density=density,
         deterministic=False,
+        emits=_kind(SignVector),
     )
 
 
@@ -455,6 +476,7 @@ def perm_k(dtype: str = "float32") -> Compressor:
         deterministic=False,
         ab=lambda d, n: (1.0, 1.0),
         density_n=lambda d, n: 1 / min(n, d),
+        emits=_kind(SeededSparseVector),
     )
 
 
@@ -525,6 +547,7 @@ def _range_compressor(name: str, compress: CompressFn, levels: int, dtype: str) 
         omega=_range_omega(levels),
         density=lambda d: _fraction(2 * SCALE_BITS + d * _level_bits(levels), d, dtype),
         deterministic=False,
+        emits=_kind(QuantizedVector),
     )
 
 
@@ -590,6 +613,7 @@ def perm_k_cq(blocks: int = 2, levels: int = 2, dtype: str = "float32") -> Compr
             d,
             dtype,
         ),
+        emits=_kind(SeededQuantizedVector),
     )
 
 
@@ -631,6 +655,7 @@ def bernoulli(p: float = 0.5, inner: Any = None, dtype: str = "float32") -> Comp
         density=lambda d: p + (1 - p) * c.density(d),
         deterministic=p == 1.0 or (p == 0.0 and c.deterministic),
         flag_bits=1 + c.flag_bits,
+        emits=frozenset(PartKind(kind.payload, True) for kind in c.emits | _kind(DenseVector)),
     )
 
 

@@ -24,17 +24,22 @@ import xxhash
 
 from threepc.common import data as data_mod
 from threepc.common.config import Component, RunConfig
-from threepc.common.errors import ConfigError, DivergedError, WorkerDivergedError
+from threepc.common.errors import ConfigError, DivergedError, RefusedUpdate, WorkerDivergedError
 from threepc.common.mechanisms import Mechanism, WorkerState
 from threepc.common.methods import Smoothness, build_method, stepsize
 from threepc.common.oracles import make_oracle
-from threepc.common.payloads import DenseVector, Message, Mode
+from threepc.common.payloads import DenseVector, Expect, Message, Mode, largest_magnitude
 from threepc.common.problems import Problem, hessian_variance, make_problem
 from threepc.common.randomness import round_randomness
 
 CHUNK_FRAMING = 1 << 10  # what a Chunk envelope adds around its data (tags and lengths, < 20 bytes), and room to spare
 CHUNK_BYTES = 4 << 20  # wire.chunk_bytes unset (engine.chunk_bytes says why)
 BLOCK = 1 << 16  # elements per block of a block-wise pass over d: 512 KB of float64 scratch stays in cache
+
+
+# While the rows' largest |values| sum to no more than this, g_sum and every difference added to
+# it stay far inside float64's range (Aggregator._check_row).
+_SAFE_SUM = float(np.finfo(np.float64).max) / 4
 
 
 def blocks(size: int) -> Iterator[slice]:
@@ -349,6 +354,19 @@ class Aggregator:
         # ends with that sum, so messages of other kinds may be mixed in.
         self.sums_mirrors = mechanism.whole
         self._resum = False
+        # What a worker may send (the codec refuses anything else), and a bound on each mirror's
+        # largest |value| that keeps g_sum finite without a pass over every row (`_check_row`).
+        self.state_max = float(np.finfo(self.state_dtype).max)
+        value_dtype = plan.config.wire.value_dtype
+        self._expect_first = Expect(mechanism.sends.first, value_dtype, self.state_max, self.n)
+        self._expect_later = Expect(mechanism.sends.later, value_dtype, self.state_max, self.n)
+        self._row_max = np.zeros(self.n)
+        self._factor = self.step_scale / self.n  # x^{t+1} = x^t - factor g_sum (next_iterate)
+        self._x_top_cache: float | None = None
+        # This round's updates taken and refused: a round whose every update was refused is the
+        # run diverging (honest workers' updates all leaving the range), not a hostile peer.
+        self._taken_round = 0
+        self._refused_round = 0
         self._scratch = np.empty(min(self.d, BLOCK))  # a block of new - old of a dense message
         self.t = 0
         self.meters = [WorkerMeter() for _ in range(self.n)]
@@ -357,12 +375,28 @@ class Aggregator:
         self._loss_sum = 0.0
         self._diag_count = 0
 
+    def expects(self, worker_id: int) -> Expect:
+        """What worker_id's next message may be (the codec refuses anything else): its method's
+        first message while the mirror holds nothing of it (its Restore says so), else a later one."""
+        return self._expect_later if self.holds(worker_id) else self._expect_first
+
+    def holds(self, worker_id: int) -> bool:
+        """Whether the mirror holds something of worker_id: a Restore carries it, and the worker
+        goes on from it (else it starts afresh with its method's first message)."""
+        return self.meters[worker_id].messages > 0 and self.x_prev is not None
+
     def apply(self, worker_id: int, message: Message, diagnostics: Diagnostics | None = None) -> None:
         """mirror_i <- message.apply(mirror_i), and the meters; `diagnostics` (f_i(x^t),
         grad f_i(x^t)) are folded into the round's figures here, so that both transports add
-        them in worker-id order, as they add the messages."""
-        if diagnostics is not None:
-            self._add_diagnostics(*diagnostics)
+        them in worker-id order, as they add the messages.
+
+        RefusedUpdate, and nothing changed (mirrors, g_sum, meters, the round's figures, the
+        delta downlink's marks), if the message would make the mirror or g_sum non-finite:
+        finite parts can still sum past float64's range, or round past the state dtype's."""
+        if not message.is_skip:
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused, not warned about
+                self._update_mirror(worker_id, message)
+        self._taken_round += 1
         meter = self.meters[worker_id]
         meter.bits += message.bits()
         meter.value_bits += message.value_bits()
@@ -370,38 +404,113 @@ class Aggregator:
         if message.is_skip:
             meter.skips += 1
             self.skips_round += 1
-            return
+        if diagnostics is not None:
+            self._add_diagnostics(*diagnostics)
+
+    def _update_mirror(self, worker_id: int, message: Message) -> None:
+        """The mirror and g_sum moved by a message that is not a skip; checked before either changes."""
         old = self.mirrors[worker_id]
-        indices = message.sparse_indices(self.d)
+        indices = None if self.sums_mirrors else message.sparse_indices(self.d)
         if indices is not None:
             # In place, touching only the k coordinates the message changes: the same float64
             # additions as message.apply(old) at those coordinates, so the mirror still equals
-            # the worker's h bit for bit (tested against the dense path).
+            # the worker's h bit for bit (tested against the dense path). Checked by the rows'
+            # bounds (`_fits`), else exactly: g_sum stays finite (it is checked at every change),
+            # so a non-finite new value shows in its new sum, and that in the step it makes.
             old_values = old[indices]
             new_values = (old_values + np.asarray(message.parts[0].values, dtype=np.float64)).astype(old.dtype)
-            self.g_sum[indices] += np.subtract(new_values, old_values, dtype=np.float64)
+            new_sum = self.g_sum[indices] + np.subtract(new_values, old_values, dtype=np.float64)
+            top = float(self._row_max[worker_id])
+            if new_values.size:
+                top = float(np.maximum(top, largest_magnitude(new_values)))  # NaN stays NaN
+            if not (self._fits(worker_id, top) or self._steps_fit(self.x[indices], new_sum)):
+                raise self._refused(worker_id, indices.size)
+            self.g_sum[indices] = new_sum
             old[indices] = new_values
+            self._row_max[worker_id] = top
             if self.tracks_change:
                 self._touched[indices] = True
             return
         part = message.parts[0] if len(message.parts) == 1 else None
-        if message.mode is Mode.REPLACE and isinstance(part, DenseVector):
-            if self.sums_mirrors:  # GD: g_sum is summed from the rows when the round closes
-                np.copyto(old, part.values, casting="same_kind")  # rounded as astype rounds
-                self._resum = True
-            else:
-                # message.apply is the values rounded into the state dtype, which _replace_dense
-                # does block by block (no d-sized temporary whatever the dtypes).
-                self._replace_dense(old, part.values)
-            self._touched_all = True
+        dense_replace = message.mode is Mode.REPLACE and isinstance(part, DenseVector)
+        # message.apply is a dense REPLACE's values rounded into the state dtype, which the
+        # paths below do as they copy (no d-sized temporary whatever the dtypes).
+        new = part.values if dense_replace else message.apply(old)  # type: ignore[union-attr]
+        top = self._check_row(worker_id, new, part.largest if dense_replace else None)  # type: ignore[union-attr]
+        if self.sums_mirrors:  # GD: g_sum is summed from the rows when the round closes
+            np.copyto(old, new, casting="same_kind")  # rounded as astype rounds
+            self._resum = True
+        else:
+            self._replace_dense(old, new)
+        self._row_max[worker_id] = top
+        if not self.tracks_change:
             return
-        self._replace_dense(old, message.apply(old))  # the mirrors array is this object's own
-        if self.tracks_change:
-            support = message.support(self.d) if message.mode is Mode.DELTA else None
-            if support is None:
-                self._touched_all = True  # a dense change: every coordinate may have moved
-            else:
-                self._touched[support] = True
+        support = message.support(self.d) if message.mode is Mode.DELTA else None
+        if support is None:
+            self._touched_all = True  # a dense change: every coordinate may have moved
+        else:
+            self._touched[support] = True
+
+    def _check_row(self, worker_id: int, new: np.ndarray, top: float | None = None) -> float:
+        """The largest |value| of worker_id's new mirror `new`; RefusedUpdate if it does not fit
+        the state dtype, or if g_sum, or the step it makes, could then leave its range.
+
+        One pass over d: while the rows' largest |values| (`_row_max`) sum to a quarter of
+        float64's range, no sum or difference of them overflows (always, for float32 state:
+        n 3.4e38 is far from 1.8e308), and while the step they can make keeps x within half the
+        state dtype's range, x^{t+1} is finite. Beyond that (values near the dtype's largest),
+        the new g_sum and x^{t+1} are computed as the round will compute them. `top`: max |new|
+        where the decoder has it already."""
+        top = largest_magnitude(new) if top is None else top
+        if not top <= self.state_max:  # NaN too
+            raise self._refused(worker_id, self.d, f"a value of {top:.7g} for state of |x| <= {self.state_max:.7g}")
+        if not (self._fits(worker_id, top) or self._sum_and_step_fit(worker_id, new)):
+            raise self._refused(worker_id, self.d)
+        return top
+
+    def _fits(self, worker_id: int, top: float) -> bool:
+        """Whether worker_id's mirror with largest |value| `top` keeps g_sum and x^{t+1} far
+        inside their ranges, by the rows' bounds alone (no pass over d)."""
+        bound = float(self._row_max.sum()) - float(self._row_max[worker_id]) + top
+        within = top <= self.state_max and bound <= _SAFE_SUM  # False for NaN
+        return within and self._factor * bound + self._x_top() <= self.state_max / 2
+
+    def _sum_and_step_fit(self, worker_id: int, new: np.ndarray) -> bool:
+        """Whether g_sum stays finite, and x^{t+1} within the state dtype's range, with worker_id's
+        mirror `new` (rare: only for values near the dtype's largest)."""
+        mirror = self.mirrors[worker_id]
+        if self.sums_mirrors:
+            kept = mirror.copy()
+            np.copyto(mirror, new, casting="same_kind")
+            try:
+                total = self.mirrors.sum(axis=0, dtype=np.float64)  # as _sum_mirrors sums them
+            finally:
+                np.copyto(mirror, kept)
+            return self._steps_fit(self.x, total)
+        for block in blocks(self.d):
+            difference = np.subtract(new[block].astype(mirror.dtype), mirror[block], dtype=np.float64)
+            if not self._steps_fit(self.x[block], self.g_sum[block] + difference):
+                return False
+        return True
+
+    def _steps_fit(self, x: np.ndarray, g_sum: np.ndarray) -> bool:
+        """Whether x - (gamma / n) g_sum, in float64 as `next_iterate` computes it, stays within
+        the state dtype's range (it is rounded into it); False too where g_sum is not finite."""
+        return bool((np.abs(x - g_sum * self._factor) <= self.state_max).all())
+
+    def _x_top(self) -> float:
+        """max |x^t|, computed once a round, where a bound needs it."""
+        if self._x_top_cache is None:
+            self._x_top_cache = largest_magnitude(self.x)
+        return self._x_top_cache
+
+    def _refused(self, worker_id: int, touched: int, why: str = "") -> RefusedUpdate:
+        self._refused_round += 1
+        reason = why or "a new mirror value, their sum or the next iterate would not be finite"
+        return RefusedUpdate(
+            f"worker {worker_id}'s update for round {self.t} would make the aggregate non-finite "
+            f"({reason}; {touched} coordinates)"
+        )
 
     def _replace_dense(self, mirror: np.ndarray, new: np.ndarray) -> None:
         """mirror <- new rounded into the mirror's dtype, and g_sum += (that) - mirror in float64,
@@ -437,7 +546,14 @@ class Aggregator:
         `absent`: workers whose message did not come this round. Their mirrors stay; for a
         method that needs every worker under the "drop" policy, g^t is the mean of the mirrors
         of the workers present (rescaled), and their stale mirrors are left out.
+        DivergedError if updates came and every one was refused (`apply`): no worker's update
+        fits any more, as when a stepsize too large makes x^{t+1} overflow.
         """
+        if self._refused_round and not self._taken_round:
+            raise DivergedError(
+                f"the run diverged at round {self.t}: each of its {self._refused_round} updates would have made "
+                "the aggregate non-finite, and none could be applied"
+            )
         row: dict[str, float | int | None] = {"round": self.t}
         for worker_id in absent:
             self.meters[worker_id].absent += 1
@@ -470,6 +586,8 @@ class Aggregator:
                 self.change = None  # the dense downlink broadcasts x itself
             else:
                 self.change = (None, self.g_sum) if changed is None else (changed, self.g_sum[changed])
+        self._x_top_cache = None
+        self._taken_round = self._refused_round = 0
         if not np.isfinite(self.x).all():
             raise DivergedError(f"the run diverged at round {self.t}: the iterate is no longer finite")
         self.t += 1
@@ -508,6 +626,8 @@ class Aggregator:
         self.x = state["x"].astype(self.state_dtype)
         self.mirrors = state["mirrors"].astype(self.state_dtype)
         self.g_sum = state["g_sum"].astype(np.float64)
+        self._row_max = np.maximum(self.mirrors.max(axis=1), -self.mirrors.min(axis=1)).astype(np.float64)
+        self._x_top_cache = None
         self._resum = False
         self.t = int(state["t"])
         self.x_prev = state["x_prev"].astype(self.state_dtype) if "x_prev" in state else None
@@ -612,11 +732,21 @@ def run_in_process(plan_: Plan, on_round: RoundCallback | None = None) -> RunRes
     agg = Aggregator(plan_)
     result = RunResult()
     start = time.perf_counter()
+    refused: list[int] = []  # workers whose update the last round refused (as the coordinator does)
     for t in range(config.rounds):
+        for i in refused:  # their state goes back to the mirror, as a Restore does over gRPC
+            if agg.holds(i):
+                nodes[i].restore(agg.mirrors[i], agg.x_prev)  # type: ignore[arg-type]
+            else:
+                nodes[i].state = None
+        refused = []
         for node in nodes:
             message, diagnostics = node.round(t, agg.x)
-            agg.apply(node.worker_id, message, diagnostics)
-        row = agg.finish_round()
+            try:
+                agg.apply(node.worker_id, message, diagnostics)
+            except RefusedUpdate:
+                refused.append(node.worker_id)  # absent this round; all refused: finish_round ends the run
+        row = agg.finish_round(refused)
         row.update(wire_bytes_up=None, wire_bytes_down=None, elapsed_s=time.perf_counter() - start)
         result.rows.append(row)
         if on_round:

@@ -5,6 +5,7 @@
     │   └── CheckpointError  a checkpoint is missing, damaged, or not of this run
     ├── DataError            a data set cannot be found, read or split as asked
     ├── DecodeError          a message from the wire is malformed or inconsistent
+    │   └── RefusedUpdate    a well-formed update would make the aggregate non-finite
     ├── ProtocolError        a peer broke the round protocol (wrong round, unknown worker, ...)
     │   ├── SlotTakenError   the worker id asked for is held by another stream (retry later)
     │   └── DeadlineError    a peer did not send what the protocol expects in time (Join, Ready)
@@ -43,6 +44,12 @@ class DataError(ThreePCError):
 
 class DecodeError(ThreePCError):
     """A message from the wire is malformed; it names the field that was wrong."""
+
+
+class RefusedUpdate(DecodeError):
+    """A worker's update is well-formed, but applying it would make a mirror or their sum
+    non-finite (float32 state overflowing, two parts of 1.7e308): refused before any state
+    changed, counted as refused, and the worker is absent for the round."""
 
 
 class ProtocolError(ThreePCError):

@@ -22,7 +22,7 @@ import numpy as np
 
 from threepc.common.compressors import Compressor, sqrt_one_minus
 from threepc.common.errors import ConfigError
-from threepc.common.payloads import DenseVector, Message, Mode, skip, to_wire_dtype
+from threepc.common.payloads import DENSE, DenseVector, Form, Message, Mode, skip, to_wire_dtype
 from threepc.common.randomness import Randomness
 
 ThreePointFn = Callable[[np.ndarray, np.ndarray, np.ndarray, Randomness], Message]
@@ -42,8 +42,20 @@ class Constants(NamedTuple):
     B: float
 
 
+class Sends(NamedTuple):
+    """The message forms a mechanism may send: its first message (a worker whose mirror holds
+    nothing yet: `first`), and every later one (`step`'s: `later`). The coordinator refuses any other."""
+
+    first: frozenset[Form]
+    later: frozenset[Form]
+
+
+FULL = Form(Mode.REPLACE, (DENSE,))  # g_i sent in full (`dense_message`)
+SKIP = Form(Mode.DELTA)  # the mirror stays (a lazy skip; MARINA's unchosen worker)
+
+
 class Mechanism(NamedTuple):
-    """A worker mechanism: first round, later rounds, and its 3PC constants."""
+    """A worker mechanism: first round, later rounds, its 3PC constants, and what it sends."""
 
     name: str
     first: Callable[[np.ndarray, Randomness], tuple[Message, WorkerState]]
@@ -56,6 +68,7 @@ class Mechanism(NamedTuple):
     reads_y: bool = True  # False: y is never read, so not kept (a d-vector of float64 less: GD, EF21)
     reset: Callable[[int], Any] | None = None  # a fresh state of dimension d, where not exact
     whole: bool = False  # every message is g_i itself, dense (GD): the coordinator sums the mirrors once a round
+    sends: Sends = Sends(frozenset(), frozenset())  # the forms of its messages (every constructor sets them)
 
 
 def minus(x: np.ndarray, h: np.ndarray) -> np.ndarray:
@@ -85,12 +98,14 @@ def three_point(
     state_dtype: str = "float64",
     reads_y: bool = True,
     whole: bool = False,
+    forms: frozenset[Form] = frozenset(),
 ) -> Mechanism:
     """A mechanism from a 3PC function: g_i^0 = grad f_i(x^0) (init "full") or C(grad) ("compressed").
 
     `state_dtype`: the dtype of h (and of the coordinator's mirror of it), the run's iterate dtype;
     message.apply keeps h in it. `reads_y`: False where `c3pc` never reads y (it gets None).
-    `whole`: every message is dense g_i (`c3pc` and the first round both send the gradient)."""
+    `whole`: every message is dense g_i (`c3pc` and the first round both send the gradient).
+    `forms`: the forms of `c3pc`'s messages (the first message's follow from `init`)."""
 
     def first(grad: np.ndarray, r: Randomness) -> tuple[Message, WorkerState]:
         if init == "compressed" and initial is not None:
@@ -103,7 +118,10 @@ def three_point(
         message = c3pc(state.h, state.y, grad, r)  # type: ignore[arg-type]  # None only where never read
         return message, WorkerState(message.apply(state.h), grad if reads_y else None)
 
-    return Mechanism(name, first, step, constants, skips, reads_y=reads_y, whole=whole)
+    compressed = init == "compressed" and initial is not None
+    opening = Form(Mode.REPLACE, (initial.emits,)) if compressed else FULL  # type: ignore[union-attr]
+    sends = Sends(frozenset({opening}), forms)
+    return Mechanism(name, first, step, constants, skips, reads_y=reads_y, whole=whole, sends=sends)
 
 
 # ----------------------------------------------------------------------------- 3PC functions
@@ -255,7 +273,9 @@ def marina(
         return message, WorkerState(message.apply(state.h), grad)
 
     name = "marina" if sampling is None else "marina_iscc"
-    return Mechanism(name, first, step, lambda d: Constants(1.0, 0.0), needs_all=True)
+    later = {FULL, Form(Mode.DELTA, (q.emits,))} | ({SKIP} if sampling is not None else set())
+    sends = Sends(frozenset({FULL}), frozenset(later))
+    return Mechanism(name, first, step, lambda d: Constants(1.0, 0.0), needs_all=True, sends=sends)
 
 
 class ErrorFeedbackState(NamedTuple):
@@ -288,4 +308,5 @@ def error_feedback(c: Compressor, gamma: float) -> Mechanism:
         needs_all=True,
         restores_exactly=False,
         reset=lambda d: ErrorFeedbackState(np.zeros(d)),
+        sends=Sends(*[frozenset({Form(Mode.REPLACE, (c.emits,))})] * 2),
     )

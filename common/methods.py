@@ -19,6 +19,7 @@ from threepc.common.compressors import Compressor, make_compressor
 from threepc.common.config import Component, RunConfig
 from threepc.common.errors import ConfigError
 from threepc.common.oracles import ORACLES
+from threepc.common.payloads import DENSE, Form, Mode
 from threepc.common.problems import CONVEXITY
 
 
@@ -52,6 +53,7 @@ class ThreePoint(NamedTuple):
     constants: m.Constants  # (A, B) at the run's dimension
     skips: bool  # whether its messages can be lazy skips
     reads_y: bool  # whether it reads y = grad f_i(x^t) (else the worker does not keep it)
+    forms: frozenset[Form]  # the forms of its messages (what the coordinator accepts)
     whole: bool = False  # whether every message is g_i itself, dense (GD)
 
 
@@ -64,26 +66,32 @@ def _build_3pc(name: str, params: dict[str, Any], c: Compressor, dtype: str, d: 
 
     result: ThreePoint
     if name == "gd":
-        result = ThreePoint(m.gd_3pc(dtype), m.Constants(1.0, 0.0), False, False, whole=True)
+        result = ThreePoint(m.gd_3pc(dtype), m.Constants(1.0, 0.0), False, False, frozenset({m.FULL}), whole=True)
     elif name in ("ef21", "ef21_plus"):
         fn = m.ef21_3pc(c) if name == "ef21" else m.ef21_plus_3pc(c)
-        result = ThreePoint(fn, m._ef21_constants(m._alpha(c, d)), False, False)
+        modes = (Mode.DELTA,) if name == "ef21" else (Mode.DELTA, Mode.REPLACE)  # EF21+: h + C(x - h) or C(x)
+        forms = frozenset(Form(mode, (c.emits,)) for mode in modes)
+        result = ThreePoint(fn, m._ef21_constants(m._alpha(c, d)), False, False, forms)
     elif name == "naive":
-        result = ThreePoint(m.naive_3pc(c), m.Constants(1.0, 0.0), False, False)
+        result = ThreePoint(m.naive_3pc(c), m.Constants(1.0, 0.0), False, False, frozenset({Form(Mode.REPLACE, (c.emits,))}))
     elif name == "lag":
         zeta = float(take("zeta", 1.0))
-        result = ThreePoint(m.lazy(m.gd_3pc(dtype), zeta), m.Constants(1.0, zeta), True, True)
+        forms = frozenset({m.FULL, m.SKIP})
+        result = ThreePoint(m.lazy(m.gd_3pc(dtype), zeta), m.Constants(1.0, zeta), True, True, forms)
     elif name == "clag":
         zeta = float(take("zeta", 1.0))
         a, b = m._ef21_constants(m._alpha(c, d))
-        result = ThreePoint(m.lazy(m.ef21_3pc(c), zeta), m.Constants(a, max(b, zeta)), True, True)
+        forms = frozenset({Form(Mode.DELTA, (c.emits,)), m.SKIP})
+        result = ThreePoint(m.lazy(m.ef21_3pc(c), zeta), m.Constants(a, max(b, zeta)), True, True, forms)
     elif name == "3pcv1":
         alpha = m._alpha(c, d)
-        result = ThreePoint(m.v1_3pc(c, dtype), m.Constants(1.0, 1.0 - alpha), False, True)
+        forms = frozenset({Form(Mode.REPLACE, (DENSE, c.emits))})
+        result = ThreePoint(m.v1_3pc(c, dtype), m.Constants(1.0, 1.0 - alpha), False, True, forms)
     elif name == "3pcv2":
         q = _sub_compressor(take("q", None), dtype, "q")
         alpha = m._alpha(c, d)
-        result = ThreePoint(m.v2_3pc(c, q), m.Constants(alpha, (1.0 - alpha) * _omega(q, d)), False, True)
+        forms = frozenset({Form(Mode.DELTA, (q.emits, c.emits))})
+        result = ThreePoint(m.v2_3pc(c, q), m.Constants(alpha, (1.0 - alpha) * _omega(q, d)), False, True, forms)
     elif name == "3pcv3":
         inner = Component.model_validate(take("inner", {"name": "ef21"}))
         inner_c = _sub_compressor(take("c1", None), dtype, "c1") if "c1" in p else c
@@ -91,18 +99,22 @@ def _build_3pc(name: str, params: dict[str, Any], c: Compressor, dtype: str, d: 
         a1, b1 = first.constants
         alpha = m._alpha(c, d)
         constants = m.Constants(1 - (1 - alpha) * (1 - a1), (1 - alpha) * b1)
-        result = ThreePoint(m.v3_3pc(c, first.fn), constants, first.skips, first.reads_y)
+        forms = frozenset(form.then(c.emits) for form in first.forms)
+        result = ThreePoint(m.v3_3pc(c, first.fn), constants, first.skips, first.reads_y, forms)
     elif name == "3pcv4":
         c2 = _sub_compressor(take("c2", None), dtype, "c2")
         abar = 1 - (1 - m._alpha(c, d)) * (1 - m._alpha(c2, d))
-        result = ThreePoint(m.v4_3pc(c, c2), m._ef21_constants(abar), False, False)
+        forms = frozenset({Form(Mode.DELTA, (c2.emits, c.emits))})
+        result = ThreePoint(m.v4_3pc(c, c2), m._ef21_constants(abar), False, False, forms)
     elif name == "3pcv5":
         prob = float(take("p", c.density(d)))
         if not 0 < prob <= 1:
             raise ConfigError(f"3pcv5: p must be in (0, 1], got {prob}")
         alpha = m._alpha(c, d)
         a = 1 - math.sqrt(1 - prob)
-        result = ThreePoint(m.v5_3pc(c, prob, dtype), m.Constants(a, (1 - prob) * (1 - alpha) / a), False, True)
+        constants = m.Constants(a, (1 - prob) * (1 - alpha) / a)
+        forms = frozenset({m.FULL, Form(Mode.DELTA, (c.emits,))})
+        result = ThreePoint(m.v5_3pc(c, prob, dtype), constants, False, True, forms)
     else:
         raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(THREE_POINT))}")
     if p:
@@ -198,7 +210,7 @@ def build_method(config: RunConfig, d: int) -> m.Mechanism:
     built = _build_3pc(name, config.method.params, c, dtype, d)
     return m.three_point(
         name, built.fn, lambda _d: built.constants, dtype, init=config.init, initial=c, skips=built.skips,
-        state_dtype=state, reads_y=built.reads_y, whole=built.whole and config.init == "full",
+        state_dtype=state, reads_y=built.reads_y, whole=built.whole and config.init == "full", forms=built.forms,
     )
 
 

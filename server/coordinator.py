@@ -59,6 +59,7 @@ from threepc.common.errors import (
     DivergedError,
     MismatchError,
     ProtocolError,
+    RefusedUpdate,
     RunFinishedError,
     SlotTakenError,
     ThreePCError,
@@ -438,7 +439,7 @@ class Coordinator:
 
     def _mirror_of(self, worker_id: int) -> tuple[np.ndarray, np.ndarray] | None:
         """What rebuilds worker_id's state (its mirror g_i and x^{t-1}), or None: start afresh."""
-        if self.agg.meters[worker_id].messages == 0 or self.agg.x_prev is None:
+        if not self.agg.holds(worker_id):
             return None  # the mirror holds nothing of it
         return self.agg.mirrors[worker_id], self.agg.x_prev
 
@@ -483,7 +484,7 @@ class Coordinator:
                     if not self._open_for(wid, r):
                         dropped = r
                         continue
-                    decoded = codec.message_from_proto(message.update, d, r, wid, bulk)
+                    decoded = codec.message_from_proto(message.update, d, r, wid, bulk, self.agg.expects(wid))
                     self._answered.add(wid)
                     if r % self.config.diagnostics_every == 0:
                         pending = (r, decoded)
@@ -741,7 +742,16 @@ class Coordinator:
     def _apply(self, worker_id: int, message: Message | DivergedError, diagnostics: Diagnostics | None, t: int) -> None:
         if isinstance(message, DivergedError):
             raise message  # in worker-id order, as the in-process engine meets it
-        self.agg.apply(worker_id, message, diagnostics)
+        try:
+            self.agg.apply(worker_id, message, diagnostics)
+        except RefusedUpdate as err:
+            # Nothing of it was applied: counted, and the worker is absent this round (the round
+            # does not wait for it); its mirror stays, and a Restore precedes its next round.
+            self.refused[worker_id] += 1
+            self._refused_round += 1
+            self._passed.add(worker_id)
+            log.warning("worker %d: refused an update (%s)", worker_id, err)
+            return
         self._applied.append(worker_id)
         link = self.links.get(worker_id)
         if link is not None:

@@ -16,6 +16,7 @@ STATUS: dict[type[errors.ThreePCError], grpc.StatusCode] = {
     errors.OutputError: grpc.StatusCode.FAILED_PRECONDITION,  # one line before serving
     errors.DataError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.DecodeError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.RefusedUpdate: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ProtocolError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.SlotTakenError: grpc.StatusCode.ALREADY_EXISTS,  # the worker retries with backoff
     errors.DeadlineError: grpc.StatusCode.DEADLINE_EXCEEDED,

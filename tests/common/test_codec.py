@@ -24,6 +24,8 @@ from threepc.common.payloads import (
     VALUE_DTYPES,
     Chosen,
     DenseVector,
+    Expect,
+    Form,
     Grid,
     IndexRule,
     Message,
@@ -49,6 +51,7 @@ from threepc.proto.threepc_pb2 import WorkerMessage as ProtoWorkerMessage
 D = 60  # not a power of two (DRIVE pads to 64) and not a multiple of 8 (padding bits matter)
 T, WORKER, N_WORKERS = 3, 1, 3
 LIMIT = 1 << 16  # the Reassembler's limit on a chunked message in the fuzz test
+F32_MAX, F64_MAX = float(np.finfo(np.float32).max), float(np.finfo(np.float64).max)
 FUZZ_CASES = 100_000
 FUZZ_SEED = 20240601
 
@@ -162,7 +165,9 @@ def _wire(message: Message, t: int = T, worker_id: int = WORKER) -> bytes:
     ).SerializeToString()
 
 
-def _through_the_wire(message: Message, d: int, chunk_bytes: int = 1 << 20) -> Message:
+def _through_the_wire(
+    message: Message, d: int, chunk_bytes: int = 1 << 20, expect: Expect | None = None
+) -> Message:
     """Encode as the worker does, decode as the coordinator does (chunked when large)."""
     envelope, bulk = ProtoWorkerMessage(), Bulk()
     codec.fill_update(envelope.update, T, WORKER, message, bulk)
@@ -171,7 +176,7 @@ def _through_the_wire(message: Message, d: int, chunk_bytes: int = 1 << 20) -> M
     for frame in frames(envelope, chunk_bytes, bulk):
         received = inbound.feed(frame)
     assert received is not None
-    return codec.message_from_proto(received.message.update, d, T, WORKER, received.bulk)
+    return codec.message_from_proto(received.message.update, d, T, WORKER, received.bulk, expect)
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -765,18 +770,21 @@ def test_rotated_sign_with_d_signs_is_refused() -> None:
     _refused(update, r"sign\.signs", d=d)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="codec refuses PermK blocks > d; needs a bound on blocks (n)"
-)
 def test_perm_k_with_more_workers_than_coordinates_round_trips() -> None:
     """perm_k_block defines n > d (each coordinate shared by ~n/d workers); the decoder must
-    accept what the compressor sends there."""
+    accept what the compressor sends there: up to n blocks, n from the run (`Expect.workers`)."""
     d, n = 2, 5
     compressor = make_compressor("perm_k", {}, "float32")
+    expect = Expect(frozenset({Form(Mode.DELTA, (compressor.emits,))}), "float32", F32_MAX, n)
     for worker in range(n):
         part = compressor.compress(np.array([1.5, -2.0]), fixed(3, worker, n))
         message = Message(Mode.DELTA, (part,))
-        assert _same_bits(_through_the_wire(message, d).dense(d), message.dense(d))
+        assert _same_bits(_through_the_wire(message, d, expect=expect).dense(d), message.dense(d))
+    # More blocks than the run has workers: refused (a permutation of 2^32 slots is no block).
+    update = codec.message_to_proto(T, WORKER, Message(Mode.DELTA, (part,)))
+    update.parts[0].seeded.blocks = n + 1
+    with pytest.raises(DecodeError, match=r"seeded: block \d+ of 6 invalid \(blocks in \[1, 5\]\)"):
+        codec.message_from_proto(update, d, T, WORKER, expect=expect)
 
 
 # ----------------------------------------------------------------------------- the reassembler

@@ -28,12 +28,16 @@ from tests.e2e.test_faults import (
     spawn,
     worker,
 )
+from threepc.common import codec
+from threepc.common.engine import WorkerNode, load_data, load_shard, local_problem
 from threepc.common.errors import AuthError, TransportError
 from threepc.common.wire import TRAIN_METHOD
 from threepc.proto.threepc_pb2 import (
     Chunk,
     CoordinatorMessage,
     DenseVector,
+    Diagnostics,
+    Dtype,
     Join,
     Part,
     Ready,
@@ -74,6 +78,13 @@ class RawClient:
         except grpc.aio.AioRpcError:
             pass
         return await self.call.code(), await self.call.details() or ""
+
+    async def next_kinds(self, until: str) -> list[str]:
+        """The kinds of the messages it gets, up to the first of kind `until`."""
+        kinds: list[str] = []
+        while not kinds or kinds[-1] != until:
+            kinds.append((await self.receive()).WhichOneof("kind") or "")
+        return kinds
 
     async def join(self, worker_id: int, token: str = "", dim: int = 10) -> CoordinatorMessage:
         """Join and get ready; returns the first Round."""
@@ -151,6 +162,105 @@ def test_a_malformed_update_is_refused_counted_and_its_worker_may_rejoin(what: s
     assert rows[-1]["absent_workers"] == []  # the worker rejoined (in round 0 itself, if it was quick)
     # The whole run equals the replay with worker 1 absent where the rows say: nothing leaked in.
     assert np.array_equal(c.agg.x, reference_x(the_plan, rows))
+
+
+HOSTILE_CONFIG = (
+    'workers = 3\nrounds = 12\nseed = 2\nmethod = "3pcv1"\ncompressor = "identity"\n'
+    f'{SYNTHETIC}[wire]\nvalue_dtype = "float64"\n'
+)
+
+
+@pytest.mark.parametrize(
+    "state, t, parts, refused_at",
+    [
+        # Finite parts that pass the codec; their sum is not finite: refused when applied.
+        ("float64", 1, [1.7e308, 1.7e308], "apply"),
+        ("float32", 1, [3e38, 3e38], "apply"),
+        # Finite in float64, beyond float32 state's range: refused at decode.
+        ("float32", 0, [1e39], "decode"),
+    ],
+)
+def test_a_finite_update_that_would_overflow_the_aggregate_is_refused_and_the_run_goes_on(
+    state: str, t: int, parts: list[float], refused_at: str
+) -> None:
+    """3PCv1 with identity sends REPLACE(y, C(x - y)): two dense float64 parts, here from a
+    hostile worker 2 (an honest round 0 first). It used to make x non-finite and end the run for
+    everyone with DivergedError and no rows. Now it is refused and counted, worker 2 is absent
+    for the round (refused at apply: its stream stays, and a Restore precedes its next Round),
+    and the honest workers finish the run; x is what the in-process replay of the rows gives."""
+    the_plan = make_plan(HOSTILE_CONFIG + f'iterate_dtype = "{state}"\n')
+    config, d = the_plan.resolved, the_plan.dim
+    shard = load_shard(config, 2, load_data(config))
+    node = WorkerNode(config, 2, local_problem(config, shard, 2))
+
+    async def main() -> tuple[Any, list[str], grpc.StatusCode | None]:
+        async with on_loopback(the_plan) as (c, address):
+            run = asyncio.ensure_future(c.run())
+            honest = [asyncio.ensure_future(run_worker(worker(address, i))) for i in (0, 1)]
+            raw = RawClient(address)
+            assert (await raw.join(2, dim=d)).round.round == 0
+            if t > 0:  # round 0 as an honest worker 2 sends it
+                message, (loss, grad) = node.round(0, the_plan.x0)  # type: ignore[misc]
+                await raw.send(WorkerMessage(update=codec.message_to_proto(0, 2, message)))
+                await raw.send(WorkerMessage(diagnostics=codec.fill_diagnostics(Diagnostics(), 0, 2, loss, grad)))
+                assert (await raw.next_kinds("round"))[-1] == "round"
+            hostile = [Part(dense=DenseVector(dtype=Dtype.FLOAT64, values=np.full(d, v, "<f8").tobytes())) for v in parts]
+            await raw.send(WorkerMessage(update=Update(round=t, worker_id=2, mode=1, parts=hostile)))  # REPLACE
+            gradient = np.zeros(d, "<f8").tobytes()
+            await raw.send(WorkerMessage(diagnostics=Diagnostics(round=t, worker_id=2, dtype=Dtype.FLOAT64, gradient=gradient)))
+            code, kinds = None, []
+            if refused_at == "apply":
+                kinds = await raw.next_kinds("round")
+                await raw.call.done_writing()  # and goes away
+            else:
+                code, _ = await raw.status()
+            await raw.close()
+            await asyncio.gather(run, *honest)
+            return c, kinds, code
+
+    c, kinds, code = asyncio.run(main())
+    rows = c.rows
+    assert len(rows) == 12 and c.refused == [0, 0, 1]
+    assert rows[t]["refused"] == 1 and sum(r["refused"] for r in rows) == 1
+    assert all(r["absent_workers"] == [2] for r in rows[t:])
+    if refused_at == "apply":
+        assert kinds == ["restore", "round"]  # its state goes back to the mirror before round t + 1
+    else:
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert np.isfinite(c.agg.x).all() and np.isfinite(c.agg.mirrors).all() and np.isfinite(c.agg.g_sum).all()
+    assert all(r["grad_norm_sq"] is not None and np.isfinite(r["grad_norm_sq"]) for r in rows)
+    assert np.array_equal(c.agg.x, reference_x(the_plan, rows))  # nothing of it reached the aggregate
+
+
+def test_honest_updates_that_all_overflow_end_the_run_as_in_process() -> None:
+    """Refusing what would overflow must not turn a diverging run into one that loops on
+    refusals: the round whose every update is refused ends the run with DivergedError, at the
+    round and with the rows the in-process run gives."""
+    from threepc.common.engine import run_in_process
+    from threepc.common.errors import DivergedError
+
+    text = (
+        'workers = 3\nrounds = 60\nseed = 1\nmethod = "gd"\ncompressor = "identity"\nproblem = "least_squares"\n'
+        'stepsize = 100.0\n[data]\ndataset = "synthetic"\nrows = 300\ndim = 30\n'
+        '[wire]\nvalue_dtype = "float64"\niterate_dtype = "float32"\n'
+    )
+    the_plan = make_plan(text)
+
+    async def main() -> tuple[Coordinator, list[Any]]:
+        async with on_loopback(the_plan) as (c, address):
+            run = asyncio.ensure_future(c.run())
+            workers = [asyncio.ensure_future(run_worker(worker(address, i, reconnect_timeout_s=3))) for i in range(3)]
+            return c, await asyncio.wait_for(asyncio.gather(run, *workers, return_exceptions=True), 120)
+
+    c, results = asyncio.run(main())
+    local: list[dict] = []
+    with pytest.raises(DivergedError) as in_process:
+        run_in_process(the_plan, local.append)
+    assert isinstance(results[0], DivergedError) and str(results[0]) == str(in_process.value)
+    assert "the run diverged at round 21" in str(results[0])
+    assert len(c.rows) == len(local) == 21 and c.rows[20]["refused"] == 2
+    assert [r["grad_norm_sq"] for r in c.rows] == [r["grad_norm_sq"] for r in local]
+    assert [r["absent_workers"] for r in c.rows[19:]] == [[], [1, 2]]
 
 
 def test_an_oversize_message_is_refused_and_counted() -> None:
