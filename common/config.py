@@ -58,6 +58,13 @@ class DataConfig(_Frozen):
     rows: int | None = Field(None, ge=1, description="rows of the synthetic set")
     dim: int | None = Field(None, ge=1, description="features (width to load, or synthetic d)")
     seed: int = Field(0, description="seed of the synthetic set")
+    fallback: Literal["error", "synthetic"] = Field(
+        "error",
+        description="where `dataset` names a file that is not found: 'error' (say where it was looked "
+        "for), or 'synthetic': a seeded synthetic stand-in of its shape, for demos; the summary, the "
+        "progress line and the dashboard then say 'synthetic stand-in'. Only `threepc run` uses it: "
+        "`serve` and `worker` never train on a stand-in",
+    )
 
 
 class WireConfig(_Frozen):
@@ -146,9 +153,13 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig
     """Read a TOML config file; `overrides` (top-level fields) win over the file."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
+    except UnicodeDecodeError as err:  # TOML is UTF-8 (a file saved as Latin-1 or UTF-16, or not text)
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     return parse({**data, **(overrides or {})}, str(path))
