@@ -65,8 +65,10 @@ def config_options(f: Any) -> Any:
 class Progress:
     """A progress bar with the round, ||grad f||^2 and bits sent (quiet: nothing)."""
 
-    def __init__(self, rounds: int, quiet: bool):
+    def __init__(self, rounds: int, quiet: bool, stand_in: bool = False):
         self.quiet = quiet
+        # Every line the bar draws says it, where the data is not the named set (data.fallback).
+        self.note = "synthetic stand-in:  " if stand_in else ""  # no [brackets]: rich markup
         if quiet:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -76,14 +78,14 @@ class Progress:
             TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[figures]}"),
             TimeElapsedColumn(), transient=False,
         )
-        self.task = self.bar.add_task("run", total=rounds, figures="waiting for workers")
+        self.task = self.bar.add_task("run", total=rounds, figures=f"{self.note}waiting for workers")
         self.bar.start()
 
     def update(self, row: dict) -> None:
         if self.quiet:
             return
         g = row.get("grad_norm_sq")
-        figures = f"||grad f||^2 {g:.3e}" if g is not None else ""
+        figures = self.note + (f"||grad f||^2 {g:.3e}" if g is not None else "")
         figures += f"  bits/worker {row['bits_up_per_worker']:.4g}"
         if row.get("wire_bytes_up") is not None:
             figures += f"  wire up {row['wire_bytes_up']:,} B down {row['wire_bytes_down']:,} B"
@@ -121,7 +123,7 @@ def run(
     config = config_mod.load(config_file, _overrides(workers, rounds, seed))
     the_plan = plan(config)
     log = RunLog(out)
-    progress = Progress(config.rounds, quiet)
+    progress = Progress(config.rounds, quiet, the_plan.stand_in)
 
     def on_round(row: dict) -> None:
         log.write_row(row)
@@ -133,7 +135,10 @@ def run(
             keep_freed_memory()  # as every worker process does (threepc worker)
             result = run_in_process(the_plan, on_round)
             rows, x_final = result.rows, result.x
-            extra: dict[str, Any] = {"per_worker": [{"worker_id": i, **m} for i, m in enumerate(result.per_worker)]}
+            extra: dict[str, Any] = {"per_worker": [
+                {"worker_id": i, **m, "data": {"shard_hash": the_plan.shard_hashes[i].hex()}}
+                for i, m in enumerate(result.per_worker)
+            ]}
         else:
             rows_seen: list[dict] = []
 
@@ -175,6 +180,13 @@ def _summary(mode: str, the_plan: Any, rows: list[dict], started: float, extra: 
         "elapsed_s": time.perf_counter() - started,
         "first": rows[0] if rows else None,
         "final": rows[-1] if rows else None,
+        # What the run trained on: a stand-in is not the named set, whatever config.data says.
+        "data": {
+            "source": the_plan.dataset,
+            "stand_in": the_plan.stand_in,
+            "synthetic": the_plan.synthetic,
+            "shard_hashes": [h.hex() for h in the_plan.shard_hashes],
+        },
         **extra,
     }
 
@@ -182,6 +194,15 @@ def _summary(mode: str, the_plan: Any, rows: list[dict], started: float, extra: 
 def _report(summary: dict, out: str) -> None:
     first, final = summary.get("first"), summary.get("final")
     click.echo(f"{summary['mode']} run: {summary['rounds']} rounds in {summary['elapsed_s']:.1f} s -> {out}")
+    data = summary.get("data") or {}
+    if data.get("stand_in"):
+        click.echo(f"data: a synthetic stand-in ({data['source']}), not {summary['config']['data']['dataset']!r}, "
+                   "which was not found (data.fallback = 'synthetic'): the figures are not that data set's")
+    differ = [w["worker_id"] for w in summary.get("per_worker", [])
+              if (w.get("data") or {}).get("matches_coordinator") is False]
+    if differ:
+        click.echo(f"data: the shards of workers {differ} differ from the coordinator's (summary.json: "
+                   "per_worker[].data): they trained on other data than the run planned")
     if first and final and first.get("grad_norm_sq") is not None and final.get("grad_norm_sq") is not None:
         drop = first["grad_norm_sq"] / final["grad_norm_sq"] if final["grad_norm_sq"] > 0 else math.inf
         click.echo(
@@ -259,7 +280,7 @@ def serve(
         from threepc.common.tls import server_credentials
 
         credentials = server_credentials(tls_cert, tls_key)
-    the_plan = plan(config)
+    the_plan = plan(config, stand_in_allowed=False)  # remote workers could not be held to a stand-in
     log = RunLog(out)
     for row in resumed[1] if resumed else []:
         log.write_row(row)  # the rows before the checkpoint; later ones are dropped

@@ -108,6 +108,7 @@ class WorkerLink:
     error: ThreePCError | None = None  # why the stream ended early; set = the worker is gone
     synced_round: int = -1  # the round for which the worker's state equals the mirror's rebuild
     follower_round: int = -1  # the last round this stream got: its worker can follow from it (delta downlink)
+    data: dict[str, Any] | None = None  # the shard's fingerprint from its Ready (summary.json per_worker)
 
     @property
     def live(self) -> bool:
@@ -256,11 +257,10 @@ class Coordinator:
             await self._send(context, link, message, bulk)
             del message, bulk, welcome, state
             ready = (await self._expect(context, inbound, "ready")).ready
-            if ready.dimension != self.plan.dim:
-                raise MismatchError(
-                    f"worker {link.worker_id} has dimension {ready.dimension}, the run's is {self.plan.dim}"
-                )
-        except BaseException:
+            link.data = self._check_data(link.worker_id, ready)
+        except BaseException as err:
+            if isinstance(err, MismatchError):  # the worker reads it too, as its one line
+                log.warning("worker %d refused: %s", link.worker_id, err)
             holder.clear()
             if self.links.get(link.worker_id) is link:
                 del self.links[link.worker_id]  # free the slot of a worker that never got ready
@@ -287,6 +287,30 @@ class Coordinator:
             reader.cancel()
         if link.error is not None:
             raise link.error
+
+    def _check_data(self, worker_id: int, ready: Any) -> dict[str, Any]:
+        """A worker's shard against the run's: refused (MismatchError) where d differs, or where
+        one of them is synthetic and the other read from a file; a shard that hashes otherwise
+        than the coordinator's own is recorded and logged (workers may hold their own copy)."""
+        plan = self.plan
+        if ready.dimension != plan.dim:
+            raise MismatchError(f"worker {worker_id} has dimension {ready.dimension}, the run's is {plan.dim}")
+        if ready.synthetic != plan.synthetic:
+            theirs = f"synthetic data ({ready.data_source})" if ready.synthetic else f"the file {ready.data_source}"
+            ours = f"synthetic ({plan.dataset})" if plan.synthetic else f"the file {plan.dataset}"
+            raise MismatchError(f"worker {worker_id} has {theirs}, the run's data is {ours}")
+        expected = plan.shard_hashes[worker_id] if worker_id < len(plan.shard_hashes) else None
+        fingerprint = {
+            "rows": ready.rows, "dimension": ready.dimension, "shard_hash": ready.shard_hash.hex(),
+            "source": ready.data_source, "synthetic": ready.synthetic,
+            "matches_coordinator": expected is not None and ready.shard_hash == expected,
+        }
+        if not fingerprint["matches_coordinator"]:
+            log.warning(
+                "worker %d's shard (%d rows from %s, hash %s) differs from the coordinator's (hash %s)",
+                worker_id, ready.rows, ready.data_source, ready.shard_hash.hex(), expected.hex() if expected else "-",
+            )
+        return fingerprint
 
     async def _read(self, context: grpc.aio.ServicerContext) -> Any:
         """The next gRPC message of a stream (or EOF), refused if over the run's size limit.

@@ -45,6 +45,7 @@ def coordinator_summary(coordinator: Coordinator) -> dict[str, Any]:
                 "late": coordinator.late[i],  # updates refused because their round had closed
                 "refused": coordinator.refused[i],  # malformed messages refused
                 "error": str(link.error) if link.error is not None else None,
+                "data": link.data,  # its shard's fingerprint (rows, d, hash, source), as its Ready said
                 "meter": link.meter.as_dict(),
             }
             for i, link in sorted(coordinator.links.items())
