@@ -17,7 +17,11 @@ name plus its parameters, written as a string (`compressor = "top_k"`) or a tabl
 
 from __future__ import annotations
 
+import inspect
 import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -173,3 +177,34 @@ def from_json(text: str) -> RunConfig:
     import json
 
     return parse(json.loads(text), "coordinator's config")
+
+
+_PLAIN = (bool, int, float, str)
+
+
+def check_types(factory: Callable[..., Any], params: Mapping[str, Any], what: str) -> None:
+    """Refuse a component parameter whose value is not of the plain type (bool, int, float,
+    str, or a union of them) the factory's signature gives it: `k = 2.5` or `lam = "x"` would
+    otherwise fail deep inside numpy, as a traceback. Parameters of other types are left to
+    the factory."""
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        hints = typing.get_type_hints(target)
+    except (NameError, TypeError, AttributeError):  # an annotation that does not resolve here: the factory checks
+        return
+    for key, value in params.items():
+        hint = hints.get(key)
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+        if not allowed or not all(t in _PLAIN or t is type(None) for t in allowed):
+            continue
+        # An int is a float (k = 1 where 1.0 is meant); a bool is only a bool.
+        ok = any(
+            (type(value) is bool) == (t is bool) and isinstance(value, (int, float) if t is float else t)
+            for t in allowed if t is not type(None)
+        ) or (value is None and type(None) in allowed)
+        if not ok:
+            names = " or ".join(
+                "an integer" if t is int else "a number" if t is float else t.__name__
+                for t in allowed if t is not type(None)
+            )
+            raise ConfigError(f"{what}: {key} must be {names}, got {value!r}")

@@ -196,7 +196,8 @@ def read_libsvm(path: Path, n_features: int | None = None) -> Dataset:
     except (ValueError, OSError) as err:
         raise DataError(f"cannot read LibSVM file {path}: {err}") from err
     _check_finite(path, features, raw)
-    check_fits(8 * int(features.shape[1]), f"{path}: d = {features.shape[1]} (its largest feature index)")
+    width = "the width asked for: data.dim" if n_features else "its largest feature index"
+    check_fits(8 * int(features.shape[1]), f"{path}: d = {features.shape[1]} ({width})")
     classes = np.unique(raw)
     if classes.size != 2:
         raise DataError(f"{path}: expected two label values, found {classes.size}")
@@ -216,8 +217,7 @@ def _check_finite(path: Path, features: sp.csr_matrix, labels: np.ndarray) -> No
     bad = np.flatnonzero(~np.isfinite(features.data))
     if bad.size:
         row = int(np.searchsorted(features.indptr, bad[0], side="right")) - 1
-        value, column = features.data[bad[0]], int(features.indices[bad[0]])
-        raise DataError(f"{path}: row {row + 1}: feature {column} = {value} is not a finite number")
+        raise DataError(f"{path}: row {row + 1}: a feature value is {features.data[bad[0]]}, not a finite number")
 
 
 def memory_bytes() -> int | None:

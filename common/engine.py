@@ -162,7 +162,7 @@ def plan(config: RunConfig, *, stand_in_allowed: bool = True) -> Plan:
             raise
         raise DataError(f"{err} (data.fallback = 'synthetic' is for threepc run; a coordinator never uses a stand-in)") from None
     # The coordinator's state is n + 4 float64 vectors of d (mirrors, x, x_prev, g_sum, x^0).
-    data_mod.check_fits(8 * (config.workers + 4) * full.dim, f"a run of {config.workers} workers at d = {full.dim}")
+    data_mod.check_fits(8 * (config.workers + 4) * full.dim, f"{full.source}: d = {full.dim} with {config.workers} workers")
     shards = [load_shard(config, i, full) for i in range(config.workers)]
     whole = local_problem(config, full, None)
     d = whole.dim

@@ -82,8 +82,8 @@ def test_the_fingerprint_is_of_the_rows_whatever_the_dtypes(tmp_path, monkeypatc
 @pytest.mark.parametrize(
     "text, words",
     [
-        ("1 1:0.5 2:nan\n2 1:1\n", "row 1: feature 1 = nan is not a finite number"),
-        ("1 1:0.5\n2 1:1 2:-inf\n", "row 2: feature 1 = -inf is not a finite number"),
+        ("1 1:0.5 2:nan\n2 1:1\n", "row 1: a feature value is nan, not a finite number"),
+        ("1 1:0.5\n2 1:1 2:-inf\n", "row 2: a feature value is -inf, not a finite number"),
         ("1 1:1\n2 2:1\nnan 1:1\n", "row 3: the label nan is not a finite number"),
         ("1 1:0.5\n2 99999999999:1\n", "a feature index is too large"),
     ],
