@@ -290,15 +290,16 @@ class Coordinator:
 
     def _check_data(self, worker_id: int, ready: Any) -> dict[str, Any]:
         """A worker's shard against the run's: refused (MismatchError) where d differs, or where
-        one of them is synthetic and the other read from a file; a shard that hashes otherwise
-        than the coordinator's own is recorded and logged (workers may hold their own copy)."""
+        it is synthetic and the run's data a file (a worker that lost its data must not train on
+        made-up rows); any shard that hashes otherwise than the coordinator's own is recorded
+        and logged (workers may hold their own copy of the data)."""
         plan = self.plan
         if ready.dimension != plan.dim:
             raise MismatchError(f"worker {worker_id} has dimension {ready.dimension}, the run's is {plan.dim}")
-        if ready.synthetic != plan.synthetic:
-            theirs = f"synthetic data ({ready.data_source})" if ready.synthetic else f"the file {ready.data_source}"
-            ours = f"synthetic ({plan.dataset})" if plan.synthetic else f"the file {plan.dataset}"
-            raise MismatchError(f"worker {worker_id} has {theirs}, the run's data is {ours}")
+        if ready.synthetic and not plan.synthetic:
+            raise MismatchError(
+                f"worker {worker_id} has synthetic data ({ready.data_source}), the run's data is the file {plan.dataset}"
+            )
         expected = plan.shard_hashes[worker_id] if worker_id < len(plan.shard_hashes) else None
         fingerprint = {
             "rows": ready.rows, "dimension": ready.dimension, "shard_hash": ready.shard_hash.hex(),
