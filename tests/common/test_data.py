@@ -172,3 +172,30 @@ def test_a_cached_set_loads_without_importing_scikit_learn(tmp_path) -> None:
     second = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert first.stdout.split() == ["3", "True"]
     assert second.stdout.split() == ["3", "False"]
+
+
+def test_the_plan_says_stand_in_and_its_workers_fall_back_only_where_it_did(tmp_path, monkeypatch) -> None:
+    """A local run's workers get the plan's resolved config: they take the same stand-in where
+    the coordinator took one, and error where it found the file."""
+    from threepc.common import config as config_mod
+    from threepc.common import engine
+
+    monkeypatch.chdir(tmp_path)
+    wanted = {"workers": 2, "rounds": 1, "data": {"dataset": str(tmp_path / "a9a"), "fallback": "synthetic"}}
+    with pytest.warns(data.DataFallbackWarning):
+        stood_in = engine.plan(config_mod.parse(wanted))
+    assert stood_in.stand_in and stood_in.synthetic and stood_in.dataset.startswith("synthetic(rows=32561")
+    assert stood_in.resolved.data.fallback == "synthetic" and stood_in.config.data.fallback == "synthetic"
+    with pytest.warns(data.DataFallbackWarning):
+        full = engine.load_data(stood_in.resolved)
+    assert [data.fingerprint(engine.load_shard(stood_in.resolved, i, full)) for i in range(2)] == list(stood_in.shard_hashes)
+    with pytest.raises(DataError, match="a coordinator never uses a stand-in"):
+        engine.plan(config_mod.parse(wanted), stand_in_allowed=False)
+
+    (tmp_path / "a9a").write_text("".join(f"{1 + i % 2} {1 + i % 7}:1\n" for i in range(10)))
+    found = engine.plan(config_mod.parse(wanted))
+    assert not found.stand_in and not found.synthetic and found.dataset == str(tmp_path / "a9a")
+    assert found.resolved.data.fallback == "error"  # a worker without the file errors, never stands in
+    (tmp_path / "a9a").unlink()
+    with pytest.raises(DataError, match="not found"):
+        engine.load_data(found.resolved)
