@@ -443,13 +443,16 @@ def sweep(config_file: str, grid: tuple[str, ...], tolerance: float, out: str, d
             log.write_row(row)
 
         the_plan = plan(config)
+        if the_plan.stand_in:
+            click.echo(f"{folder}: data is a synthetic stand-in ({the_plan.dataset}), not {config.data.dataset!r}", err=True)
         try:
             if distributed:
                 asyncio.run(run_local(the_plan, folder, on_round))
             else:
                 run_in_process(the_plan, on_round)
         finally:
-            log.close({"config": config.model_dump(mode="json"), "rounds": len(rows)})
+            data = {"source": the_plan.dataset, "stand_in": the_plan.stand_in}
+            log.close({"config": config.model_dump(mode="json"), "rounds": len(rows), "data": data})
         return rows
 
     def on_run(entry: dict) -> None:

@@ -61,6 +61,12 @@ def test_a_stand_in_asked_for_by_name_says_so_in_the_summary_the_progress_and_th
     assert [w["data"]["synthetic"] for w in workers] == [True, True]
     assert [w["data"]["shard_hash"] for w in workers] == summary["data"]["shard_hashes"]
     assert all(w["data"]["matches_coordinator"] for w in workers)
+    # A sweep's runs say it too, each in its summary and in a line as it starts.
+    r = threepc("sweep", str(config), "-g", "stepsize_multiplier=1", "--out", str(tmp_path / "sweep"))
+    assert r.returncode == 0, r.stderr
+    assert "stepsize_multiplier=1: data is a synthetic stand-in (synthetic(rows=32561, dim=123, seed=0))" in r.stderr
+    run = json.loads((tmp_path / "sweep" / "stepsize_multiplier=1" / "summary.json").read_text())
+    assert run["data"]["stand_in"] is True
 
 
 def test_a_coordinator_never_trains_on_a_stand_in(tmp_path: Path) -> None:
