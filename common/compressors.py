@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from threepc.common import hadamard
+from threepc.common.config import check_types
 from threepc.common.errors import ConfigError
 from threepc.common.payloads import (
     SCALE_BITS,
@@ -699,6 +700,7 @@ def _build(
             f"{what} {name!r}: unknown parameter(s) {', '.join(unknown)}; "
             f"takes {', '.join(p for p in sig.parameters if p != 'dtype')}"
         )
+    check_types(factory, params, f"{what} {name!r}")
     return factory(**params)
 
 

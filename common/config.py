@@ -17,7 +17,11 @@ name plus its parameters, written as a string (`compressor = "top_k"`) or a tabl
 
 from __future__ import annotations
 
+import inspect
 import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +62,13 @@ class DataConfig(_Frozen):
     rows: int | None = Field(None, ge=1, description="rows of the synthetic set")
     dim: int | None = Field(None, ge=1, description="features (width to load, or synthetic d)")
     seed: int = Field(0, description="seed of the synthetic set")
+    fallback: Literal["error", "synthetic"] = Field(
+        "error",
+        description="where `dataset` names a file that is not found: 'error' (say where it was looked "
+        "for), or 'synthetic': a seeded synthetic stand-in of its shape, for demos; the summary, the "
+        "progress line and the dashboard then say 'synthetic stand-in'. Only `threepc run` uses it: "
+        "`serve` and `worker` never train on a stand-in",
+    )
 
 
 class WireConfig(_Frozen):
@@ -146,9 +157,13 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig
     """Read a TOML config file; `overrides` (top-level fields) win over the file."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
+    except UnicodeDecodeError as err:  # TOML is UTF-8 (a file saved as Latin-1 or UTF-16, or not text)
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     return parse({**data, **(overrides or {})}, str(path))
@@ -162,3 +177,34 @@ def from_json(text: str) -> RunConfig:
     import json
 
     return parse(json.loads(text), "coordinator's config")
+
+
+_PLAIN = (bool, int, float, str)
+
+
+def check_types(factory: Callable[..., Any], params: Mapping[str, Any], what: str) -> None:
+    """Refuse a component parameter whose value is not of the plain type (bool, int, float,
+    str, or a union of them) the factory's signature gives it: `k = 2.5` or `lam = "x"` would
+    otherwise fail deep inside numpy, as a traceback. Parameters of other types are left to
+    the factory."""
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        hints = typing.get_type_hints(target)
+    except (NameError, TypeError, AttributeError):  # an annotation that does not resolve here: the factory checks
+        return
+    for key, value in params.items():
+        hint = hints.get(key)
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+        if not allowed or not all(t in _PLAIN or t is type(None) for t in allowed):
+            continue
+        # An int is a float (k = 1 where 1.0 is meant); a bool is only a bool.
+        ok = any(
+            (type(value) is bool) == (t is bool) and isinstance(value, (int, float) if t is float else t)
+            for t in allowed if t is not type(None)
+        ) or (value is None and type(None) in allowed)
+        if not ok:
+            names = " or ".join(
+                "an integer" if t is int else "a number" if t is float else t.__name__
+                for t in allowed if t is not type(None)
+            )
+            raise ConfigError(f"{what}: {key} must be {names}, got {value!r}")

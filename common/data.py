@@ -1,24 +1,29 @@
-"""Data sets: LibSVM files, bundled and synthetic fallbacks, and the split across workers.
+"""Data sets: LibSVM files, synthetic sets, and the split across workers.
 
 A data set is found by path, or by name in the data directories (the config's `data_dir`, then
 `$THREEPC_DATA_DIR`, then `shared/data` beside the project). LibSVM files are read with
 scikit-learn's `load_svmlight_file` (bz2 included) and cached parsed. Labels are mapped smallest -> -1, largest -> +1
-(ALGORITHMS.md section 6). Without the files, a named data set falls back to a seeded synthetic
-set of the same shape, with a warning, so that demos and tests run anywhere.
+(ALGORITHMS.md section 6). A named data set that is not found is an error naming every place
+looked in, unless the caller asks for a stand-in by name (`fallback="synthetic"`, the config's
+`data.fallback`): then a seeded synthetic set of the same shape, marked `stand_in`, with a warning.
+Values that are not finite, and widths or sizes that would not fit in memory, are refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
+import xxhash
 
 from threepc.common.errors import DataError
 
@@ -41,6 +46,7 @@ KNOWN_SHAPES: dict[str, tuple[int, int]] = {
 }
 
 SYNTHETIC = "synthetic"
+Fallback = Literal["error", "synthetic"]  # what to do where a named data set is not found
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,6 +57,11 @@ class Dataset:
     labels: np.ndarray
     name: str
     source: str  # the file read, or "synthetic(...)"
+    synthetic: bool = False  # seeded synthetic data, not read from a file
+    stand_in: bool = False  # ... standing in for a named set that was not found (fallback)
+    # The run's rule for missing data, kept with its data: a problem that reads files of its
+    # own (the autoencoder's MNIST images) follows the same rule.
+    fallback: Fallback = "error"
 
     @property
     def rows(self) -> int:
@@ -62,27 +73,50 @@ class Dataset:
 
 
 def data_dirs(data_dir: str | None = None) -> list[Path]:
-    """Where named data sets are looked for, in order."""
+    """Where named data sets are looked for, in order, each folder once (the working directory's
+    sibling shared/ is often the project's own)."""
     dirs = []
     if data_dir:
-        dirs.append(Path(data_dir))
+        dirs.append(Path(data_dir).expanduser())
     if os.environ.get("THREEPC_DATA_DIR"):
-        dirs.append(Path(os.environ["THREEPC_DATA_DIR"]))
+        dirs.append(Path(os.environ["THREEPC_DATA_DIR"]).expanduser())
     project = Path(__file__).resolve().parent.parent
     dirs += [Path.cwd().parent / "shared" / "data", project.parent / "shared" / "data"]
-    return dirs
+    return _once(dirs)
+
+
+def _once(paths: list[Path]) -> list[Path]:
+    """`paths` absolute, without repeats (equal once resolved), in order."""
+    seen: set[Path] = set()
+    kept = []
+    for path in paths:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            kept.append(path.absolute())
+    return kept
+
+
+def _candidates(name: str, data_dir: str | None) -> list[Path]:
+    """The files `find_file` tries, in order: the path as given, then `name` and `name.bz2` in
+    each data directory."""
+    found = [Path(name).expanduser()]
+    for folder in data_dirs(data_dir):
+        found += [folder / name, folder / f"{name}.bz2"]
+    return _once(found)
 
 
 def find_file(name: str, data_dir: str | None = None) -> Path | None:
     """A path as given, or `name`, `name.bz2` in a data directory; None if nowhere."""
-    given = Path(name).expanduser()
-    if given.is_file():
-        return given
-    for folder in data_dirs(data_dir):
-        for candidate in (folder / name, folder / f"{name}.bz2"):
-            if candidate.is_file():
-                return candidate
+    for candidate in _candidates(name, data_dir):
+        if candidate.is_file():
+            return candidate
     return None
+
+
+def not_found(what: str, name: str, data_dir: str | None = None) -> str:
+    """'<what> not found: looked for ...', every place `find_file` tried, each once."""
+    return f"{what} not found; looked for {', '.join(map(str, _candidates(name, data_dir)))}"
 
 
 def synthetic(rows: int, dim: int, seed: int = 0, density: float = 0.1, name: str = SYNTHETIC) -> Dataset:
@@ -92,13 +126,16 @@ def synthetic(rows: int, dim: int, seed: int = 0, density: float = 0.1, name: st
     """
     if rows < 1 or dim < 1:
         raise DataError(f"synthetic data needs rows >= 1 and dim >= 1, got {rows} x {dim}")
+    # The nonzeros' values and column indices (12 bytes each), and sp.random's draw of them.
+    check_fits(int(2 * 12 * density * rows * dim), f"synthetic data of {rows} rows x {dim} features (data.rows, data.dim)")
     rng = np.random.default_rng([seed, rows, dim])
     # Only the nonzeros are drawn (a dense rows x dim draw costs gigabytes at d = 1e6).
     features = sp.random(rows, dim, density=density, format="csr", random_state=rng, data_rvs=np.ones)
     planted = rng.normal(0.0, 1.0, dim)
     margin = features @ planted + rng.normal(0.0, 1.0, rows)
     labels = np.where(margin > np.median(margin), 1.0, -1.0)
-    return Dataset(features, labels, name, f"synthetic(rows={rows}, dim={dim}, seed={seed})")
+    source = f"synthetic(rows={rows}, dim={dim}, seed={seed})"
+    return Dataset(features, labels, name, source, synthetic=True)
 
 
 def load(
@@ -108,24 +145,33 @@ def load(
     dim: int | None = None,
     rows: int | None = None,
     seed: int = 0,
+    fallback: Fallback = "error",
 ) -> Dataset:
-    """Load a data set by name or path (see the module docstring for the search and fallback)."""
+    """Load a data set by name or path (see the module docstring for the search).
+
+    Not found: a DataError naming every place looked in; with `fallback="synthetic"`, a seeded
+    synthetic stand-in of the set's shape (a known set's, or `rows` x `dim`), marked `stand_in`.
+    """
     if name == SYNTHETIC:
-        return synthetic(rows or 1000, dim or 20, seed)
+        return dataclasses.replace(synthetic(rows or 1000, dim or 20, seed), fallback=fallback)
     path = find_file(name, data_dir)
     base = Path(name).name.removesuffix(".bz2")
     if path is None:
-        if base in KNOWN_SHAPES:
-            known_rows, known_dim = KNOWN_SHAPES[base]
-            warnings.warn(
-                f"data set {name!r} not found in {', '.join(map(str, data_dirs(data_dir)))}; "
-                f"using a synthetic stand-in of the same shape ({known_rows} x {known_dim})",
-                DataFallbackWarning,
-                stacklevel=2,
-            )
-            return synthetic(known_rows, dim or known_dim, seed, name=f"{base} (synthetic stand-in)")
-        raise DataError(f"data set {name!r} not found (looked in {', '.join(map(str, data_dirs(data_dir)))})")
-    return read_libsvm(path, dim or KNOWN_SHAPES.get(base, (0, None))[1])
+        missing = not_found(f"data set {name!r}", name, data_dir)
+        if fallback != SYNTHETIC:
+            raise DataError(missing)
+        known_rows, known_dim = KNOWN_SHAPES.get(base, (rows, dim))
+        if known_rows is None or known_dim is None:
+            raise DataError(f"{missing}; a synthetic stand-in needs its shape: give data.rows and data.dim")
+        warnings.warn(
+            f"{missing}; using a synthetic stand-in of its shape ({known_rows} x {dim or known_dim}), "
+            f"as data.fallback = 'synthetic' asks",
+            DataFallbackWarning,
+            stacklevel=2,
+        )
+        stand_in = synthetic(known_rows, dim or known_dim, seed, name=f"{base} (synthetic stand-in)")
+        return dataclasses.replace(stand_in, stand_in=True, fallback=fallback)
+    return dataclasses.replace(read_libsvm(path, dim or KNOWN_SHAPES.get(base, (0, None))[1]), fallback=fallback)
 
 
 def read_libsvm(path: Path, n_features: int | None = None) -> Dataset:
@@ -145,8 +191,13 @@ def read_libsvm(path: Path, n_features: int | None = None) -> Dataset:
 
     try:
         features, raw = load_svmlight_file(str(path), n_features=n_features)
+    except OverflowError:  # an index past the parser's int32: d could not be held anyway
+        raise DataError(f"{path}: a feature index is too large (over 2^31 - 1): d would not fit in memory") from None
     except (ValueError, OSError) as err:
         raise DataError(f"cannot read LibSVM file {path}: {err}") from err
+    _check_finite(path, features, raw)
+    width = "the width asked for: data.dim" if n_features else "its largest feature index"
+    check_fits(8 * int(features.shape[1]), f"{path}: d = {features.shape[1]} ({width})")
     classes = np.unique(raw)
     if classes.size != 2:
         raise DataError(f"{path}: expected two label values, found {classes.size}")
@@ -155,6 +206,48 @@ def read_libsvm(path: Path, n_features: int | None = None) -> Dataset:
     if cache is not None:
         _write_cache(cache, features, labels)
     return Dataset(features, labels, name, str(path))
+
+
+def _check_finite(path: Path, features: sp.csr_matrix, labels: np.ndarray) -> None:
+    """Refuse a NaN or an infinity: it would only surface rounds later, as a diverged run."""
+    bad_labels = np.flatnonzero(~np.isfinite(labels))
+    if bad_labels.size:
+        row = int(bad_labels[0])
+        raise DataError(f"{path}: row {row + 1}: the label {labels[row]} is not a finite number")
+    bad = np.flatnonzero(~np.isfinite(features.data))
+    if bad.size:
+        row = int(np.searchsorted(features.indptr, bad[0], side="right")) - 1
+        raise DataError(f"{path}: row {row + 1}: a feature value is {features.data[bad[0]]}, not a finite number")
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(needed: int, what: str) -> None:
+    """Refuse, before allocating, something that needs more bytes than this machine's memory
+    (a DataError: a process that asks for it is killed, or thrashes, instead of saying why)."""
+    total = memory_bytes()
+    if total is not None and needed > total:
+        raise DataError(f"{what} needs {needed / 1e9:.3g} GB, more than this machine's memory ({total / 1e9:.3g} GB)")
+
+
+def fingerprint(data: Dataset) -> bytes:
+    """XXH3-64 (8 bytes) of a data set's features (CSR data, indices, indptr, shape) and labels,
+    in a fixed layout (float64, int64, little-endian, sorted column indices): equal wherever the
+    same rows were loaded, whatever the dtypes scipy picked there."""
+    features = data.features if data.features.has_sorted_indices else data.features.sorted_indices()
+    h = xxhash.xxh3_64()
+    for array, dtype in (
+        (np.array(features.shape), "<i8"), (features.indptr, "<i8"), (features.indices, "<i8"),
+        (features.data, "<f8"), (data.labels, "<f8"),
+    ):
+        h.update(np.ascontiguousarray(array, dtype=dtype))
+    return h.digest()
 
 
 def cache_dir() -> Path:
@@ -206,6 +299,8 @@ def _read_cache(cache: Path) -> tuple[sp.csr_matrix, np.ndarray] | None:
         return None
     if labels.shape != (shape[0],) or not np.isin(labels, (-1.0, 1.0)).all():
         return None
+    if not np.isfinite(features.data).all():  # written before values were checked: read the file again
+        return None
     return features, labels
 
 
@@ -230,7 +325,7 @@ def shard(data: Dataset, n_workers: int, worker_id: int, split: str = "contiguou
         rows = np.argsort(data.labels, kind="stable")[start:stop]
     else:
         raise DataError(f"unknown split {split!r}; expected 'contiguous' or 'label_sorted'")
-    return Dataset(data.features[rows], data.labels[rows], data.name, data.source)
+    return dataclasses.replace(data, features=data.features[rows], labels=data.labels[rows])
 
 
 class DataFallbackWarning(UserWarning):

@@ -24,7 +24,7 @@ import xxhash
 
 from threepc.common import data as data_mod
 from threepc.common.config import Component, RunConfig
-from threepc.common.errors import ConfigError, DivergedError, RefusedUpdate, WorkerDivergedError
+from threepc.common.errors import ConfigError, DataError, DivergedError, RefusedUpdate, WorkerDivergedError
 from threepc.common.mechanisms import Mechanism, WorkerState
 from threepc.common.methods import Smoothness, build_method, stepsize
 from threepc.common.oracles import make_oracle
@@ -105,10 +105,12 @@ def initial_iterate(config: RunConfig, d: int, whole: Problem | None = None) -> 
 
 
 def load_data(config: RunConfig, dataset: str | None = None) -> data_mod.Dataset:
-    """The run's whole data set (`dataset` overrides the config's, e.g. a worker's local path)."""
+    """The run's whole data set (`dataset` overrides the config's, e.g. a worker's local path);
+    a synthetic stand-in for a named set that is not found only where data.fallback asks."""
     spec = config.data
     return data_mod.load(
-        dataset or spec.dataset, data_dir=spec.data_dir, dim=spec.dim, rows=spec.rows, seed=spec.seed
+        dataset or spec.dataset, data_dir=spec.data_dir, dim=spec.dim, rows=spec.rows, seed=spec.seed,
+        fallback=spec.fallback,
     )
 
 
@@ -124,6 +126,13 @@ def local_problem(config: RunConfig, shard: data_mod.Dataset, worker_id: int | N
     )
 
 
+def data_origin(data: data_mod.Dataset, problem: Problem) -> tuple[str, bool, bool]:
+    """Where a problem's data came from: (source, stand_in, synthetic). A problem that reads
+    files of its own (the autoencoder's images) says so with `data_source` and `stand_in`."""
+    stand_in = data.stand_in or bool(getattr(problem, "stand_in", False))
+    return getattr(problem, "data_source", None) or data.source, stand_in, data.synthetic or stand_in
+
+
 @dataclass(frozen=True, eq=False)
 class Plan:
     """What the coordinator resolves before round 0."""
@@ -136,24 +145,43 @@ class Plan:
     x0: np.ndarray
     dataset: str  # the data actually used (a file, or a synthetic stand-in)
     stand_in: bool = False  # the data is a synthetic stand-in for a named set that was not found
+    synthetic: bool = False  # the data is seeded synthetic data (asked for, or a stand-in), not a file
+    shard_hashes: tuple[bytes, ...] = ()  # data.fingerprint of each worker's shard, by worker id
     downlink: str = "dense"  # "dense" or "delta", resolved from wire.downlink
     message_limit: int = 64 << 20  # the largest message a worker may send, resolved from wire.max_message_bytes
     chunk_bytes: int = CHUNK_BYTES  # messages larger than this are chunked (wire.chunk_bytes)
 
 
-def plan(config: RunConfig) -> Plan:
-    """Load the data once, compute L_-, L_+, every L_i, the stepsize and x^0."""
-    full = load_data(config)
+def plan(config: RunConfig, *, stand_in_allowed: bool = True) -> Plan:
+    """Load the data once, compute L_-, L_+, every L_i, the stepsize and x^0.
+
+    `stand_in_allowed` False (`threepc serve`): data not found is an error even where
+    data.fallback asks for a stand-in (remote workers could not be held to the same stand-in)."""
+    loading = config
+    if not stand_in_allowed and config.data.fallback != "error":
+        loading = config.model_copy(update={"data": config.data.model_copy(update={"fallback": "error"})})
+    try:
+        full = load_data(loading)
+    except DataError as err:
+        if loading is config:
+            raise
+        raise DataError(f"{err} (data.fallback = 'synthetic' is for threepc run; a coordinator never uses a stand-in)") from None
+    # The coordinator's state is n + 4 float64 vectors of d (mirrors, x, x_prev, g_sum, x^0).
+    data_mod.check_fits(8 * (config.workers + 4) * full.dim, f"{full.source}: d = {full.dim} with {config.workers} workers")
+    shards = [load_shard(config, i, full) for i in range(config.workers)]
     whole = local_problem(config, full, None)
     d = whole.dim
-    workers = [local_problem(config, load_shard(config, i, full), i) for i in range(config.workers)]
+    workers = [local_problem(config, shard, i) for i, shard in enumerate(shards)]
     L_i = tuple(problem.smoothness() for problem in workers)
     L_minus = whole.smoothness()
     L_pm = hessian_variance(config.problem.name, config.problem.params, config.workers)
     smooth = Smoothness(L_minus, float(np.sqrt(np.mean(np.square(L_i)))), L_i, L_pm)
     mechanism = build_method(config.model_copy(update={"stepsize": 1.0}), d)
     gamma = stepsize(config, mechanism, d, smooth, lambda: [problem.row_smoothness() for problem in workers])
-    resolved = config.model_copy(update={"stepsize": gamma, "stepsize_multiplier": 1.0})
+    source, stand_in, synthetic = data_origin(full, whole)
+    # Workers fall back to the same stand-in as this plan, and only then: never where it found the file.
+    data = config.data.model_copy(update={"fallback": "synthetic" if stand_in else "error"})
+    resolved = config.model_copy(update={"stepsize": gamma, "stepsize_multiplier": 1.0, "data": data})
     if config.method.name == "marina" and config.method.params.get("iscc") and "weights" not in config.method.params:
         # ISCC samples worker j with q_j proportional to L_j: workers get the weights from here.
         method = Component.model_validate({**config.method.model_dump(), "weights": list(L_i)})
@@ -161,8 +189,10 @@ def plan(config: RunConfig) -> Plan:
     x0 = initial_iterate(config, d, whole)
     x0.setflags(write=False)  # shared, never copied, by every Aggregator of the plan
     return Plan(
-        config, resolved, d, gamma, smooth, x0, full.source, downlink=resolve_downlink(config, mechanism, d),
-        message_limit=message_limit(config, d), chunk_bytes=chunk_bytes(config, d),
+        config, resolved, d, gamma, smooth, x0, source, stand_in=stand_in, synthetic=synthetic,
+        shard_hashes=tuple(data_mod.fingerprint(shard) for shard in shards),
+        downlink=resolve_downlink(config, mechanism, d), message_limit=message_limit(config, d),
+        chunk_bytes=chunk_bytes(config, d),
     )
 
 

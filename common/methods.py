@@ -64,6 +64,13 @@ def _build_3pc(name: str, params: dict[str, Any], c: Compressor, dtype: str, d: 
     def take(key: str, default: Any) -> Any:
         return p.pop(key, default)
 
+    def number(key: str, default: float) -> float:
+        """A numeric parameter, refused in one line where it is not a number (zeta = "x")."""
+        value = take(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"method {name!r}: {key} must be a number, got {value!r}")
+        return float(value)
+
     result: ThreePoint
     if name == "gd":
         result = ThreePoint(m.gd_3pc(dtype), m.Constants(1.0, 0.0), False, False, frozenset({m.FULL}), whole=True)
@@ -75,11 +82,11 @@ def _build_3pc(name: str, params: dict[str, Any], c: Compressor, dtype: str, d: 
     elif name == "naive":
         result = ThreePoint(m.naive_3pc(c), m.Constants(1.0, 0.0), False, False, frozenset({Form(Mode.REPLACE, (c.emits,))}))
     elif name == "lag":
-        zeta = float(take("zeta", 1.0))
+        zeta = number("zeta", 1.0)
         forms = frozenset({m.FULL, m.SKIP})
         result = ThreePoint(m.lazy(m.gd_3pc(dtype), zeta), m.Constants(1.0, zeta), True, True, forms)
     elif name == "clag":
-        zeta = float(take("zeta", 1.0))
+        zeta = number("zeta", 1.0)
         a, b = m._ef21_constants(m._alpha(c, d))
         forms = frozenset({Form(Mode.DELTA, (c.emits,)), m.SKIP})
         result = ThreePoint(m.lazy(m.ef21_3pc(c), zeta), m.Constants(a, max(b, zeta)), True, True, forms)
@@ -107,7 +114,7 @@ def _build_3pc(name: str, params: dict[str, Any], c: Compressor, dtype: str, d: 
         forms = frozenset({Form(Mode.DELTA, (c2.emits, c.emits))})
         result = ThreePoint(m.v4_3pc(c, c2), m._ef21_constants(abar), False, False, forms)
     elif name == "3pcv5":
-        prob = float(take("p", c.density(d)))
+        prob = number("p", c.density(d))
         if not 0 < prob <= 1:
             raise ConfigError(f"3pcv5: p must be in (0, 1], got {prob}")
         alpha = m._alpha(c, d)

@@ -25,6 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import expit
 
+from threepc.common.config import check_types
 from threepc.common.data import Dataset
 from threepc.common.errors import ConfigError
 
@@ -344,6 +345,7 @@ def _on_data(cls: type) -> ProblemFactory:
     def build(
         data: Dataset, params: dict[str, Any], worker_id: int | None, n_workers: int
     ) -> Problem:
+        check_types(cls, params, f"problem {cls.__name__}")
         problem: Problem = cls(data.features, data.labels, **params)
         return problem
 

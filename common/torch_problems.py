@@ -334,6 +334,9 @@ class Autoencoder(TorchProblem):
     check one against the other.
     """
 
+    data_source: str | None = None  # the images file (`autoencoder` with `images`), for the summary
+    stand_in: bool = False  # ... or a synthetic stand-in for it (data.fallback = "synthetic")
+
     def __init__(
         self,
         images: sp.csr_matrix | np.ndarray,
@@ -435,31 +438,34 @@ def synthetic_images(rows: int, pixels: int, seed: int = 0) -> np.ndarray:
 
 
 @lru_cache(maxsize=4)
-def _images(spec: str) -> tuple[np.ndarray, str]:
+def _images(spec: str, fallback: data_mod.Fallback = "error") -> tuple[np.ndarray, str, bool]:
+    """The images, where they were read from, and whether they are a synthetic stand-in (only
+    where the run asks for one by name: data.fallback = "synthetic")."""
     if spec == "mnist":
         path = data_mod.find_file(MNIST_IMAGES)
         if path is None:
+            missing = data_mod.not_found(f"MNIST images {MNIST_IMAGES!r}", MNIST_IMAGES)
+            if fallback != data_mod.SYNTHETIC:
+                raise DataError(missing)
             warnings.warn(
-                f"MNIST images {MNIST_IMAGES} not found in {', '.join(map(str, data_mod.data_dirs()))}; "
-                f"using a synthetic stand-in of the same shape {MNIST_SHAPE}",
+                f"{missing}; using a synthetic stand-in of the same shape {MNIST_SHAPE}, "
+                "as data.fallback = 'synthetic' asks",
                 data_mod.DataFallbackWarning,
                 stacklevel=4,
             )
-            images, source = (
-                synthetic_images(*MNIST_SHAPE),
-                f"synthetic(rows={MNIST_SHAPE[0]}, dim={MNIST_SHAPE[1]})",
-            )
+            images = synthetic_images(*MNIST_SHAPE)
+            source, stand_in = f"synthetic(rows={MNIST_SHAPE[0]}, dim={MNIST_SHAPE[1]})", True
         else:
-            images, source = read_idx_images(path), str(path)
+            images, source, stand_in = read_idx_images(path), str(path), False
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise DataError(
                 f"autoencoder: images file {spec!r} not found (give 'mnist' or an IDX file path)"
             )
-        images, source = read_idx_images(path), str(path)
+        images, source, stand_in = read_idx_images(path), str(path), False
     images.setflags(write=False)
-    return images, source
+    return images, source, stand_in
 
 
 def autoencoder(
@@ -467,13 +473,16 @@ def autoencoder(
 ) -> Autoencoder:
     """The linear autoencoder on the shard's features, or, with `images` ("mnist" or an IDX
     file), on that file's images: worker i takes its contiguous shard of them (the run's data
-    set and split are then not used), the whole f all of them."""
+    set and split are then not used), the whole f all of them. The problem's `data_source` and
+    `stand_in` then say where its images came from."""
     p = dict(params)
     spec = p.pop("images", None)
     if spec is None:
         return Autoencoder(data.features, **p)
-    images, _ = _images(str(spec))
+    images, source, stand_in = _images(str(spec), data.fallback)
     if worker_id is not None:
         start, stop = data_mod.shard_bounds(images.shape[0], n_workers, worker_id)
         images = images[start:stop]
-    return Autoencoder(images, **p)
+    problem = Autoencoder(images, **p)
+    problem.data_source, problem.stand_in = source, stand_in  # read by engine.plan for the summary
+    return problem

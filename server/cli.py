@@ -71,9 +71,11 @@ def config_options(f: Any) -> Any:
 class Progress:
     """A progress bar with the round, ||grad f||^2 and bits sent (quiet: nothing)."""
 
-    def __init__(self, rounds: int, quiet: bool, workers: int = 0):
+    def __init__(self, rounds: int, quiet: bool, workers: int = 0, stand_in: bool = False):
         self.quiet = quiet
         self.workers = workers
+        # Every line the bar draws says it, where the data is not the named set (data.fallback).
+        self.note = "synthetic stand-in:  " if stand_in else ""  # no [brackets]: rich markup
         if quiet:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -83,7 +85,7 @@ class Progress:
             TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[figures]}"),
             TimeElapsedColumn(), transient=False,
         )
-        self.task = self.bar.add_task("run", total=rounds, figures="waiting for workers")
+        self.task = self.bar.add_task("run", total=rounds, figures=f"{self.note}waiting for workers")
         self.bar.start()
 
     def update(self, row: dict) -> None:
@@ -93,7 +95,8 @@ class Progress:
         # Workers whose figures the row holds (diagnostic rounds), else those whose update came;
         # first, where a narrow terminal cuts nothing of it.
         present = row.get("diag_workers") if g is not None else self.workers - row.get("absent", 0)
-        figures = f"{present}/{self.workers} workers  " if present is not None and present < self.workers else ""
+        figures = self.note
+        figures += f"{present}/{self.workers} workers  " if present is not None and present < self.workers else ""
         figures += f"||grad f||^2 {g:.3e}" if g is not None else ""
         figures += f"  bits/worker {row['bits_up_per_worker']:.4g}"
         if row.get("wire_bytes_up") is not None:
@@ -137,7 +140,7 @@ def run(
     claim(Path(out), overwrite=overwrite, resume=f"threepc serve --resume {out}")
     the_plan = plan(config)
     log = RunLog(out, replace=overwrite)
-    progress = Progress(config.rounds, quiet, config.workers)
+    progress = Progress(config.rounds, quiet, config.workers, the_plan.stand_in)
 
     def on_round(row: dict) -> None:
         log.write_row(row)
@@ -149,7 +152,10 @@ def run(
             keep_freed_memory()  # as every worker process does (threepc worker)
             result = run_in_process(the_plan, on_round)
             rows, x_final = result.rows, result.x
-            extra: dict[str, Any] = {"per_worker": [{"worker_id": i, **m} for i, m in enumerate(result.per_worker)]}
+            extra: dict[str, Any] = {"per_worker": [
+                {"worker_id": i, **m, "data": {"shard_hash": the_plan.shard_hashes[i].hex()}}
+                for i, m in enumerate(result.per_worker)
+            ]}
         else:
             rows_seen: list[dict] = []
 
@@ -193,6 +199,13 @@ def _summary(mode: str, the_plan: Any, rows: list[dict], started: float, extra: 
         "elapsed_s": time.perf_counter() - started,
         "first": rows[0] if rows else None,
         "final": rows[-1] if rows else None,
+        # What the run trained on: a stand-in is not the named set, whatever config.data says.
+        "data": {
+            "source": the_plan.dataset,
+            "stand_in": the_plan.stand_in,
+            "synthetic": the_plan.synthetic,
+            "shard_hashes": [h.hex() for h in the_plan.shard_hashes],
+        },
         **extra,
     }
 
@@ -201,6 +214,15 @@ def _report(summary: dict, out: str) -> int:
     """The run's figures in a few lines; the exit code they call for (0, or LOST_WORKERS)."""
     first, final = summary.get("first"), summary.get("final")
     click.echo(f"{summary['mode']} run: {summary['rounds']} rounds in {summary['elapsed_s']:.1f} s -> {out}")
+    data = summary.get("data") or {}
+    if data.get("stand_in"):
+        click.echo(f"data: a synthetic stand-in ({data['source']}), not {summary['config']['data']['dataset']!r}, "
+                   "which was not found (data.fallback = 'synthetic'): the figures are not that data set's")
+    differ = [w["worker_id"] for w in summary.get("per_worker", [])
+              if (w.get("data") or {}).get("matches_coordinator") is False]
+    if differ:
+        click.echo(f"data: the shards of workers {differ} differ from the coordinator's (summary.json: "
+                   "per_worker[].data): they trained on other data than the run planned")
     if first and final and first.get("grad_norm_sq") is not None and final.get("grad_norm_sq") is not None:
         drop = first["grad_norm_sq"] / final["grad_norm_sq"] if final["grad_norm_sq"] > 0 else math.inf
         click.echo(
@@ -349,7 +371,7 @@ def serve(
         from threepc.common.tls import server_credentials
 
         credentials = server_credentials(tls_cert, tls_key)
-    the_plan = plan(config)
+    the_plan = plan(config, stand_in_allowed=False)  # remote workers could not be held to a stand-in
     if resumed is not None:
         checkpoint.check_fits(resumed[0], the_plan.dim)
     progress = Progress(config.rounds, quiet, config.workers)
@@ -525,13 +547,16 @@ def sweep(config_file: str, grid: tuple[str, ...], tolerance: float, out: str, o
             log.write_row(row)
 
         the_plan = plan(config)
+        if the_plan.stand_in:
+            click.echo(f"{folder}: data is a synthetic stand-in ({the_plan.dataset}), not {config.data.dataset!r}", err=True)
         try:
             if distributed:
                 asyncio.run(run_local(the_plan, folder, on_round))
             else:
                 run_in_process(the_plan, on_round)
         finally:
-            log.close({"config": config.model_dump(mode="json"), "rounds": len(rows)})
+            data = {"source": the_plan.dataset, "stand_in": the_plan.stand_in}
+            log.close({"config": config.model_dump(mode="json"), "rounds": len(rows), "data": data})
         return rows
 
     def on_run(entry: dict) -> None:

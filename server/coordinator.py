@@ -136,6 +136,7 @@ class WorkerLink:
     error: ThreePCError | None = None  # why the stream ended early; set = the worker is gone
     synced_round: int = -1  # the round for which the worker's state equals the mirror's rebuild
     follower_round: int = -1  # the last round this stream got: its worker can follow from it (delta downlink)
+    data: dict[str, Any] | None = None  # the shard's fingerprint from its Ready (summary.json per_worker)
 
     @property
     def live(self) -> bool:
@@ -298,10 +299,7 @@ class Coordinator:
         try:
             # The Welcome's write too: a peer that reads nothing would hold it (and its slot) forever.
             ready = await asyncio.wait_for(self._welcome(context, inbound, link, t0), self.ready_timeout_s)
-            if ready.dimension != self.plan.dim:
-                raise MismatchError(
-                    f"worker {link.worker_id} has dimension {ready.dimension}, the run's is {self.plan.dim}"
-                )
+            link.data = self._check_data(link.worker_id, ready)
         except TimeoutError:
             holder.clear()
             self._free(link)
@@ -309,7 +307,9 @@ class Coordinator:
             raise DeadlineError(
                 f"worker {link.worker_id}: no Ready within {self.ready_timeout_s:g} s of its Join; its slot was freed"
             ) from None
-        except BaseException:
+        except BaseException as err:
+            if isinstance(err, MismatchError):  # the worker reads it too, as its one line
+                log.warning("worker %d refused: %s", link.worker_id, err)
             holder.clear()
             self._free(link)
             raise
@@ -376,6 +376,31 @@ class Coordinator:
         if received.message.WhichOneof("kind") != "join":
             raise ProtocolError(f"expected join, got {received.message.WhichOneof('kind')}")
         return received.message
+
+    def _check_data(self, worker_id: int, ready: Any) -> dict[str, Any]:
+        """A worker's shard against the run's: refused (MismatchError) where d differs, or where
+        it is synthetic and the run's data a file (a worker that lost its data must not train on
+        made-up rows); any shard that hashes otherwise than the coordinator's own is recorded
+        and logged (workers may hold their own copy of the data)."""
+        plan = self.plan
+        if ready.dimension != plan.dim:
+            raise MismatchError(f"worker {worker_id} has dimension {ready.dimension}, the run's is {plan.dim}")
+        if ready.synthetic and not plan.synthetic:
+            raise MismatchError(
+                f"worker {worker_id} has synthetic data ({ready.data_source}), the run's data is the file {plan.dataset}"
+            )
+        expected = plan.shard_hashes[worker_id] if worker_id < len(plan.shard_hashes) else None
+        fingerprint = {
+            "rows": ready.rows, "dimension": ready.dimension, "shard_hash": ready.shard_hash.hex(),
+            "source": ready.data_source, "synthetic": ready.synthetic,
+            "matches_coordinator": expected is not None and ready.shard_hash == expected,
+        }
+        if not fingerprint["matches_coordinator"]:
+            log.warning(
+                "worker %d's shard (%d rows from %s, hash %s) differs from the coordinator's (hash %s)",
+                worker_id, ready.rows, ready.data_source, ready.shard_hash.hex(), expected.hex() if expected else "-",
+            )
+        return fingerprint
 
     async def _read(self, context: grpc.aio.ServicerContext) -> Any:
         """The next gRPC message of a stream (or EOF), refused if over the run's size limit.

@@ -48,6 +48,7 @@ def coordinator_summary(coordinator: Coordinator) -> dict[str, Any]:
                 "refused": coordinator.refused[i],  # malformed messages (and resyncs past one a round) refused
                 "resyncs": coordinator.resyncs[i],  # dense rounds sent again after a digest mismatch
                 "error": str(link.error) if link.error is not None else None,
+                "data": link.data,  # its shard's fingerprint (rows, d, hash, source), as its Ready said
                 "meter": link.meter.as_dict(),
             }
             for i, link in sorted(coordinator.links.items())

@@ -33,10 +33,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from threepc.common import codec, tls
 from threepc.common import config as config_mod
+from threepc.common.data import fingerprint
 from threepc.common.engine import (
     IterateFollower,
     WorkerNode,
     chunk_bytes,
+    data_origin,
     digest,
     load_data,
     load_shard,
@@ -120,6 +122,7 @@ class _Session:
     resyncs: int = 0  # dense rounds asked for after a digest mismatch (delta downlink)
     ended: str = "finished"  # the reason of the coordinator's Done (why the run ended)
     follower: IterateFollower | None = None  # x and g_sum, rebuilt from the coordinator's changes
+    ready: ProtoReady | None = None  # the shard's fingerprint, sent in each stream's Ready
     meter: Meter = field(default_factory=Meter)
 
 
@@ -304,6 +307,11 @@ async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, sessio
         shard = load_shard(config, welcome.worker_id, load_data(config, options.data))
         node = WorkerNode(config, welcome.worker_id, local_problem(config, shard, welcome.worker_id))
         session.node, session.config_json = node, welcome.config_json
+        source, _, synthetic = data_origin(shard, node.problem)
+        session.ready = ProtoReady(
+            rows=node.problem.rows, dimension=node.problem.dim, shard_hash=fingerprint(shard),
+            data_source=source, synthetic=synthetic,
+        )
     session.worker_id = worker_id = welcome.worker_id
     problem = node.problem
     if welcome.HasField("restore"):
@@ -313,7 +321,8 @@ async def _train(call: grpc.aio.StreamStreamCall, options: WorkerOptions, sessio
         node.state = None  # the mirror holds nothing of this worker: its first round starts afresh
     del bulk  # views of the Welcome's frames (the restored d-vectors): not held through the rounds
     chunk = chunk_bytes(node.config, problem.dim)
-    await send(ProtoWorkerMessage(ready=ProtoReady(rows=problem.rows, dimension=problem.dim)), chunk)
+    assert session.ready is not None  # set with the node
+    await send(ProtoWorkerMessage(ready=session.ready), chunk)
     log.info("worker %d: %d rows, d = %d, from round %d", worker_id, problem.rows, problem.dim, welcome.start_round)
     while True:
         message, bulk = await receive()

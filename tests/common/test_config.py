@@ -69,3 +69,43 @@ def test_chunks_are_4_mib_unless_set_and_every_chunk_frame_fits_the_message_limi
     assert chunk_bytes(config.parse({"wire": {"chunk_bytes": 4096}}), 10**7) == 4096
     with pytest.raises(ConfigError, match=r"wire.chunk_bytes = 65536 does not fit .* 65536 bytes"):
         chunk_bytes(config.parse({"wire": {"max_message_bytes": 1 << 16, "chunk_bytes": 1 << 16}}), 1000)
+
+
+def test_a_config_that_is_not_utf8_is_one_clear_error(tmp_path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_bytes(b"workers = 2\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"run.toml: not UTF-8 text \(byte 0xe9 at offset 17\)"):
+        config.load(path)
+
+
+def test_data_fallback_is_an_error_unless_a_stand_in_is_asked_for_by_name() -> None:
+    assert config.parse({}).data.fallback == "error"
+    assert config.parse({"data": {"fallback": "synthetic"}}).data.fallback == "synthetic"
+    with pytest.raises(ConfigError, match="data.fallback:"):
+        config.parse({"data": {"fallback": "zeros"}})
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"k": 2.5}, "compressor 'top_k': k must be an integer, got 2.5"),
+        ({"k": True}, "compressor 'top_k': k must be an integer, got True"),
+        ({"k": "3"}, "compressor 'top_k': k must be an integer, got '3'"),
+    ],
+)
+def test_component_parameters_of_the_wrong_type_are_named(params: dict, message: str) -> None:
+    from threepc.common.methods import build_method
+
+    c = config.parse({"compressor": {"name": "top_k", **params}})
+    with pytest.raises(ConfigError, match=message):
+        build_method(c, 10)
+
+
+def test_check_types_takes_an_int_for_a_float_and_leaves_other_types_alone() -> None:
+    def factory(k: int, p: float, name: str | None = None, table: dict | None = None) -> None: ...
+
+    config.check_types(factory, {"k": 3, "p": 1, "name": None, "table": "anything"}, "it")
+    with pytest.raises(ConfigError, match="it: p must be a number, got True"):
+        config.check_types(factory, {"p": True}, "it")
+    with pytest.raises(ConfigError, match="it: name must be str, got 3"):
+        config.check_types(factory, {"name": 3}, "it")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tests.conftest import SHARED_DATA, requires_shared_data
+from tests.conftest import ROOT, SHARED_DATA, requires_shared_data
 from threepc.common import data
 from threepc.common.errors import DataError
 
@@ -29,11 +29,79 @@ def test_a9a_loads_with_its_published_shape() -> None:
     assert set(np.unique(ds.labels)) == {-1.0, 1.0}
 
 
-def test_missing_named_set_falls_back_with_a_warning(tmp_path, monkeypatch) -> None:
+def test_a_missing_named_set_is_an_error_naming_each_place_looked_in_once(tmp_path, monkeypatch) -> None:
+    """No stand-in unless asked for: training on made-up data was the only sign a worker had lost
+    its data volume (issue 19, item 1)."""
+    monkeypatch.setenv("THREEPC_DATA_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="data set 'phishing' not found; looked for ") as caught:
+        data.load("phishing", data_dir=str(tmp_path))  # a set of known shape, not in shared/data
+    looked = str(caught.value).split("looked for ", 1)[1].split(", ")
+    assert looked[:3] == [str(tmp_path / "phishing"), str(tmp_path / "phishing.bz2"),
+                          str(tmp_path.parent / "shared" / "data" / "phishing")]
+    assert len(looked) == len(set(looked))  # data_dir, THREEPC_DATA_DIR and the cwd: one folder, named once
+
+
+def test_data_dirs_name_each_folder_once(tmp_path, monkeypatch) -> None:
+    """The working directory's ../shared/data is the project's own when run from the project."""
+    monkeypatch.chdir(ROOT)  # cwd.parent is the project's parent
+    monkeypatch.setenv("THREEPC_DATA_DIR", str(tmp_path))
+    dirs = data.data_dirs(str(tmp_path) + "/")
+    assert len(dirs) == len({d.resolve() for d in dirs}) and dirs[0] == tmp_path
+
+
+def test_a_stand_in_only_where_asked_for_by_name(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(data, "data_dirs", lambda data_dir=None: [tmp_path])
-    with pytest.warns(data.DataFallbackWarning):
-        ds = data.load("mushrooms")
+    with pytest.warns(data.DataFallbackWarning, match="mushrooms"):
+        ds = data.load("mushrooms", fallback="synthetic")
     assert (ds.rows, ds.dim) == data.KNOWN_SHAPES["mushrooms"]
+    assert ds.stand_in and ds.synthetic and ds.source.startswith("synthetic(")
+    shard = data.shard(ds, 4, 1)
+    assert shard.stand_in and shard.synthetic and shard.fallback == "synthetic"
+    with pytest.raises(DataError, match="needs its shape: give data.rows and data.dim"):
+        data.load("no-such-set", fallback="synthetic")
+    real = data.load("synthetic", rows=30, dim=4)
+    assert real.synthetic and not real.stand_in
+
+
+def test_the_fingerprint_is_of_the_rows_whatever_the_dtypes(tmp_path, monkeypatch) -> None:
+    f = tmp_path / "tiny.svm"
+    f.write_text("1 1:0.5 3:1\n2 2:1\n1 1:1 4:2.5\n2 3:1\n")
+    monkeypatch.setenv("THREEPC_CACHE_DIR", str(tmp_path / "cache"))
+    parsed, cached = data.read_libsvm(f), data.read_libsvm(f)
+    assert data.fingerprint(parsed) == data.fingerprint(cached) and len(data.fingerprint(parsed)) == 8
+    wide = data.Dataset(parsed.features.astype(np.float32).tocsr(), parsed.labels, "x", "y")
+    wide.features.indices = wide.features.indices.astype(np.int64)
+    assert data.fingerprint(wide) == data.fingerprint(parsed)
+    shards = [data.fingerprint(data.shard(parsed, 2, i)) for i in range(2)]
+    assert shards[0] != shards[1]
+    flipped = data.Dataset(parsed.features, -parsed.labels, "x", "y")
+    assert data.fingerprint(flipped) != data.fingerprint(parsed)
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("1 1:0.5 2:nan\n2 1:1\n", "row 1: a feature value is nan, not a finite number"),
+        ("1 1:0.5\n2 1:1 2:-inf\n", "row 2: a feature value is -inf, not a finite number"),
+        ("1 1:1\n2 2:1\nnan 1:1\n", "row 3: the label nan is not a finite number"),
+        ("1 1:0.5\n2 99999999999:1\n", "a feature index is too large"),
+    ],
+    ids=["nan", "inf", "nan-label", "huge-index"],
+)
+def test_a_file_with_values_that_cannot_be_trained_on_is_refused(tmp_path, monkeypatch, text, words) -> None:
+    monkeypatch.setenv("THREEPC_CACHE_DIR", "")
+    f = tmp_path / "bad.svm"
+    f.write_text(text)
+    with pytest.raises(DataError, match=f"{f}: {words}"):
+        data.read_libsvm(f)
+
+
+def test_sizes_past_this_machines_memory_are_refused_before_allocating() -> None:
+    with pytest.raises(DataError, match=r"synthetic data of 10000000 rows x 10000000 features \(data.rows, data.dim\) needs"):
+        data.synthetic(10**7, 10**7)
+    with pytest.raises(DataError, match="more than this machine's memory"):
+        data.check_fits(1 << 62, "it")
 
 
 def test_unknown_file_is_a_clear_error(tmp_path, monkeypatch) -> None:
@@ -104,3 +172,30 @@ def test_a_cached_set_loads_without_importing_scikit_learn(tmp_path) -> None:
     second = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert first.stdout.split() == ["3", "True"]
     assert second.stdout.split() == ["3", "False"]
+
+
+def test_the_plan_says_stand_in_and_its_workers_fall_back_only_where_it_did(tmp_path, monkeypatch) -> None:
+    """A local run's workers get the plan's resolved config: they take the same stand-in where
+    the coordinator took one, and error where it found the file."""
+    from threepc.common import config as config_mod
+    from threepc.common import engine
+
+    monkeypatch.chdir(tmp_path)
+    wanted = {"workers": 2, "rounds": 1, "data": {"dataset": str(tmp_path / "a9a"), "fallback": "synthetic"}}
+    with pytest.warns(data.DataFallbackWarning):
+        stood_in = engine.plan(config_mod.parse(wanted))
+    assert stood_in.stand_in and stood_in.synthetic and stood_in.dataset.startswith("synthetic(rows=32561")
+    assert stood_in.resolved.data.fallback == "synthetic" and stood_in.config.data.fallback == "synthetic"
+    with pytest.warns(data.DataFallbackWarning):
+        full = engine.load_data(stood_in.resolved)
+    assert [data.fingerprint(engine.load_shard(stood_in.resolved, i, full)) for i in range(2)] == list(stood_in.shard_hashes)
+    with pytest.raises(DataError, match="a coordinator never uses a stand-in"):
+        engine.plan(config_mod.parse(wanted), stand_in_allowed=False)
+
+    (tmp_path / "a9a").write_text("".join(f"{1 + i % 2} {1 + i % 7}:1\n" for i in range(10)))
+    found = engine.plan(config_mod.parse(wanted))
+    assert not found.stand_in and not found.synthetic and found.dataset == str(tmp_path / "a9a")
+    assert found.resolved.data.fallback == "error"  # a worker without the file errors, never stands in
+    (tmp_path / "a9a").unlink()
+    with pytest.raises(DataError, match="not found"):
+        engine.load_data(found.resolved)

@@ -4,6 +4,7 @@ against the plain numpy ones."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import subprocess
 import sys
@@ -307,13 +308,15 @@ def test_importing_problems_does_not_import_torch() -> None:
 
 
 def test_autoencoder_on_mnist_images_shards_them() -> None:
-    # the shared MNIST file when present, else the synthetic stand-in (with a DataFallbackWarning)
+    # the shared MNIST file when present, else the synthetic stand-in (asked for by the run's
+    # data.fallback, which the shard carries; with a DataFallbackWarning)
     params = {"k": 4, "images": "mnist"}
+    shard = dataclasses.replace(SHARD, fallback="synthetic")
     shards = [
-        problems.make_problem("autoencoder", SHARD, params, worker_id=i, n_workers=10)
+        problems.make_problem("autoencoder", shard, params, worker_id=i, n_workers=10)
         for i in range(10)
     ]
-    whole = problems.make_problem("autoencoder", SHARD, params, n_workers=10)
+    whole = problems.make_problem("autoencoder", shard, params, n_workers=10)
     assert whole.rows == 10000 and whole.dim == 2 * 784 * 4
     assert [s.rows for s in shards] == [1000] * 10
     x = np.random.default_rng(0).normal(0, 0.1, whole.dim)

@@ -122,7 +122,7 @@ def test_worker_with_the_wrong_dimension_is_refused(tmp_path: Path) -> None:
     server = subprocess.Popen(
         [sys.executable, "-m", "threepc.server.cli", "serve", str(config), "--listen", f"127.0.0.1:{port}",
          "--out", str(tmp_path / "o"), "-q"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
         r = threepc("worker", "--coordinator", f"127.0.0.1:{port}", "--data", str(other), timeout=60)
@@ -131,7 +131,11 @@ def test_worker_with_the_wrong_dimension_is_refused(tmp_path: Path) -> None:
         # The slot stays free: a worker with the right data can still join and finish the run.
         ok = threepc("worker", "--coordinator", f"127.0.0.1:{port}", timeout=60)
         assert ok.returncode == 0, ok.stderr
-        assert server.wait(60) == 0
+        _, stderr = server.communicate(timeout=60)
+        assert server.returncode == 0
+        # The coordinator says it too, in one line of its own.
+        refusals = [line for line in stderr.splitlines() if "refused" in line]
+        assert len(refusals) == 1 and refusals[0].endswith("worker 0 refused: worker 0 has dimension 39, the run's is 10")
     finally:
         server.kill()
         server.wait()
