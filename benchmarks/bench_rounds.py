@@ -190,7 +190,7 @@ def write_config(path: Path, n: int, d: int, method: str, rounds: int, data: Pat
         f'method = "{method}"\n'
         f"compressor = {compressor}\n"
         'problem = "least_squares"\n'
-        f"diagnostics_every = {10**9}\n"
+        "diagnostics_every = 0\n"
         f'data = {{ dataset = "{data}", dim = {d} }}\n'
         f'wire = {{ iterate_dtype = "float32", value_dtype = "float32", downlink = "{downlink}" }}\n'
     )

@@ -122,7 +122,9 @@ class RunConfig(_Frozen):
     stepsize_multiplier: float = Field(1.0, gt=0, description="scales gamma, as the papers' sweeps")
     x0: str = Field("normal", description="'normal' (N(0, I) from the seed), 'zeros', 'problem' (its own start), or a .npy path")
     init: Literal["full", "compressed"] = Field("full", description="g_i^0 = grad f_i(x^0) or C of it")
-    diagnostics_every: int = Field(1, ge=1, description="rounds between loss/||grad f||^2 figures")
+    diagnostics_every: int = Field(
+        1, ge=0, description="rounds between loss/||grad f||^2 figures, and the last round; 0: none (benchmarks)"
+    )
     round_timeout_s: float = Field(120.0, gt=0, description="how long a round waits for updates")
     absent_policy: Literal["wait", "drop"] = Field(
         "wait",
@@ -135,6 +137,12 @@ class RunConfig(_Frozen):
         if isinstance(self.stepsize, float) and not self.stepsize > 0:
             raise ValueError("stepsize must be > 0 or 'theory'")
         return self
+
+    def diagnostic_round(self, t: int) -> bool:
+        """Whether round t's workers send their figures: every `diagnostics_every` rounds, and
+        the last round, so that a run's final row (and summary) has them; never where it is 0."""
+        every = self.diagnostics_every
+        return every > 0 and (t % every == 0 or t == self.rounds - 1)
 
 
 def _format(err: ValidationError, source: str) -> str:

@@ -24,7 +24,13 @@ import xxhash
 
 from threepc.common import data as data_mod
 from threepc.common.config import Component, RunConfig
-from threepc.common.errors import ConfigError, DataError, DivergedError, RefusedUpdate, WorkerDivergedError
+from threepc.common.errors import (
+    ConfigError,
+    DataError,
+    DivergedError,
+    RefusedUpdate,
+    WorkerDivergedError,
+)
 from threepc.common.mechanisms import Mechanism, WorkerState
 from threepc.common.methods import Smoothness, build_method, stepsize
 from threepc.common.oracles import make_oracle
@@ -311,7 +317,7 @@ class WorkerNode:
             if not all(_finite_values(part) for part in message.parts):
                 raise WorkerDivergedError(t, self.worker_id, "update")  # past the value dtype's range
             diagnostics = None
-            if t % self.config.diagnostics_every == 0:
+            if self.config.diagnostic_round(t):
                 full_grad = grad if self.oracle.exact else self.problem.grad(x64)
                 diagnostics = (self.problem.loss(x64), full_grad)
                 if not np.isfinite(diagnostics[0]):

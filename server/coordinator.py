@@ -511,7 +511,7 @@ class Coordinator:
                         continue
                     decoded = codec.message_from_proto(message.update, d, r, wid, bulk, self.agg.expects(wid))
                     self._answered.add(wid)
-                    if r % self.config.diagnostics_every == 0:
+                    if self.config.diagnostic_round(r):
                         pending = (r, decoded)
                     else:
                         self._events.put_nowait((wid, "update", (r, decoded, None)))

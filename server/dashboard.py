@@ -67,12 +67,10 @@ def worker_state(coordinator: Coordinator, worker_id: int) -> dict[str, Any]:
     "gone" (its stream failed: `error` says why), "done" (the run finished with it).
     lag: rounds the coordinator has closed since this worker's last update was applied.
     absent: rounds closed without its update; late and refused: its updates refused (too late
-    for their round; malformed or a duplicate); resyncs: dense iterates it asked for (None on a
-    coordinator that does not count them).
+    for their round; malformed or a duplicate); resyncs: dense iterates sent on its Resync.
     """
     link = coordinator.links.get(worker_id)
     meter = coordinator.agg.meters[worker_id]
-    resyncs = _resyncs(coordinator)
     entry: dict[str, Any] = {
         "worker_id": worker_id,
         "state": "waiting",
@@ -88,7 +86,7 @@ def worker_state(coordinator: Coordinator, worker_id: int) -> dict[str, Any]:
         "absent": meter.absent,
         "late": coordinator.late[worker_id],
         "refused": coordinator.refused[worker_id],
-        "resyncs": resyncs[worker_id] if resyncs is not None else None,
+        "resyncs": coordinator.resyncs[worker_id],
         "up_bytes": dict.fromkeys(CATEGORIES, 0),
         "down_bytes": dict.fromkeys(CATEGORIES, 0),
     }
@@ -111,12 +109,6 @@ def worker_state(coordinator: Coordinator, worker_id: int) -> dict[str, Any]:
         down_bytes={c: link.meter.sent.get(c, 0) for c in CATEGORIES},
     )
     return entry
-
-
-def _resyncs(coordinator: Coordinator) -> list[int] | None:
-    # Counted per worker by coordinators that rate-limit Resync (issue 19, item 10); read
-    # defensively so that the dashboard serves a coordinator without the count too.
-    return getattr(coordinator, "resyncs", None)
 
 
 def snapshot(
@@ -255,11 +247,8 @@ class CoordinatorCollector(Collector):
                 "Messages refused as malformed (or a second update for a round), never applied.",
                 "refused",
             ),
+            ("threepc_resyncs", "Dense iterates sent on the worker's Resync.", "resyncs"),
         ]
-        if _resyncs(c) is not None:
-            per_worker.append(
-                ("threepc_resyncs", "Dense iterates sent on the worker's Resync.", "resyncs")
-            )
         for name, doc, key in per_worker:
             family = CounterMetricFamily(name, doc, labels=["worker"])
             for w in workers:

@@ -49,6 +49,9 @@ def claim(out: Path, *, overwrite: bool = False, continuing: bool = False, resum
     `resume`: how this command would continue the run there (e.g. "--resume DIR"), for the
     refusal's line.
     """
+    # Folders made for the probe go again: a run refused later (bad config, missing data)
+    # leaves no trace; RunLog.start makes them when the run starts.
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".threepc-probe-", dir=out)
@@ -56,6 +59,10 @@ def claim(out: Path, *, overwrite: bool = False, continuing: bool = False, resum
         os.unlink(probe)
     except OSError as err:
         raise OutputError(f"--out {out}: cannot write there ({err.strerror or err})") from None
+    finally:
+        for folder in made:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     found = run_files(out)
     if not found or overwrite or continuing:
         return

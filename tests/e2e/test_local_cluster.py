@@ -186,3 +186,21 @@ def test_delta_downlink_sends_fewer_bytes_and_the_same_iterates(tmp_path: Path) 
     assert delta[-1]["wire_bytes_down"] < dense[-1]["wire_bytes_down"] / 4
     summary = json.loads((outs["delta"] / "summary.json").read_text())
     assert all(w["meters_agree"] for w in summary["per_worker"])
+
+
+@pytest.mark.parametrize(("every", "figured"), [(4, [0, 4, 8, 9]), (0, [])])
+def test_the_last_round_has_figures_whatever_the_cadence(tmp_path: Path, every: int, figured: list[int]) -> None:
+    """Figures every `diagnostics_every` rounds and at the last one, so the final row and the
+    summary are never blank (0: none at all); both transports expect the same rounds."""
+    config = write_config(
+        tmp_path / "cadence.toml",
+        f'workers = 2\nrounds = 10\nmethod = "ef21"\ndiagnostics_every = {every}\n'
+        '[compressor]\nname = "top_k"\nk = 2\n[data]\ndataset = "synthetic"\nrows = 60\ndim = 12\n',
+    )
+    dist, local = run_both(config, tmp_path)
+    for out in (dist, local):
+        rows = read_rows(out)
+        assert [r["round"] for r in rows if r["grad_norm_sq"] is not None] == figured
+        final = json.loads((out / "summary.json").read_text())["final"]
+        assert (final["grad_norm_sq"] is not None) == bool(figured)
+    assert figures(read_rows(dist)) == figures(read_rows(local))
