@@ -58,6 +58,16 @@ def wait_serving(address: str, server: subprocess.Popen, log: Path) -> None:
             time.sleep(0.2)
 
 
+def serve_tls(
+    config: Path, out: Path, port: int, tls: dict[str, Path], log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """`threepc serve` with TLS on 127.0.0.1:port, as a process."""
+    return spawn(
+        "serve", str(config), "--listen", f"127.0.0.1:{port}", "--out", str(out), "-q", "--no-dashboard",
+        "--tls-cert", str(tls["cert"]), "--tls-key", str(tls["key"]), env=env, log=log,
+    )
+
+
 def test_a_tls_coordinator_answers_a_plaintext_probe_on_its_health_port_and_nothing_else(
     tmp_path: Path,
 ) -> None:
@@ -65,22 +75,8 @@ def test_a_tls_coordinator_answers_a_plaintext_probe_on_its_health_port_and_noth
     config = write_config(tmp_path / "c.toml", CONFIG)
     port, health_port = free_port(), free_port()
     log = tmp_path / "serve.log"
-    server = spawn(
-        "serve",
-        str(config),
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--out",
-        str(tmp_path / "out"),
-        "-q",
-        "--no-dashboard",
-        "--tls-cert",
-        str(tls["cert"]),
-        "--tls-key",
-        str(tls["key"]),
-        env={"THREEPC_HEALTH_LISTEN": f"127.0.0.1:{health_port}"},
-        log=log,
-    )
+    server = serve_tls(config, tmp_path / "out", port, tls, log,
+                       env={"THREEPC_HEALTH_LISTEN": f"127.0.0.1:{health_port}"})
     try:
         # What kubelet does: a plaintext grpc.health.v1 Check.
         wait_serving(f"127.0.0.1:{health_port}", server, log)
@@ -137,21 +133,7 @@ def test_a_certificate_for_another_host_is_one_line_naming_the_subject_alt_name(
     config = write_config(tmp_path / "c.toml", CONFIG)
     port = free_port()
     log = tmp_path / "serve.log"
-    server = spawn(
-        "serve",
-        str(config),
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--out",
-        str(tmp_path / "out"),
-        "-q",
-        "--no-dashboard",
-        "--tls-cert",
-        str(tls["cert"]),
-        "--tls-key",
-        str(tls["key"]),
-        log=log,
-    )
+    server = serve_tls(config, tmp_path / "out", port, tls, log)
     try:
         by_name = threepc(
             "worker",

@@ -82,6 +82,8 @@ BAD = [
         {"nan.svm": "1 1:1\n2 1:0.5 2:nan\n", "ok.svm": GOOD_SVM}, serve=on_file("ok.svm").replace("workers = 2", "workers = 1")),
     Bad("worker-data-missing", (*WORKER, "--data", f"{TMP}/gone.svm"), "", (f"data set '{TMP}/gone.svm' not found",),
         {"ok.svm": GOOD_SVM}, serve=on_file("ok.svm").replace("workers = 2", "workers = 1")),
+    Bad("out-under-a-file", ("run", CONFIG, "--in-process", "-q", "--out", f"{TMP}/a-file/out"), SMALL,
+        (f"--out {TMP}/a-file/out: cannot write there", "Not a directory"), {"a-file": "not a folder\n"}),
 ]
 
 

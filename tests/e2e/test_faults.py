@@ -577,8 +577,9 @@ def test_a_hundred_worker_processes_are_all_received_and_metered(tmp_path: Path)
     for entry in summary["per_worker"]:
         report = json.loads((reports / f"{entry['worker_id']}.json").read_text())
         mine, theirs = entry["meter"], report["meter"]
-        # Join + ready + 3 updates + round 0's diagnostics up; welcome + 3 rounds + done down.
-        assert theirs["messages_sent"] == mine["messages_received"] == 2 + rounds + 1
+        # Join + ready + 3 updates + the diagnostics of round 0 and of the last round up;
+        # welcome + 3 rounds + done down.
+        assert theirs["messages_sent"] == mine["messages_received"] == 2 + rounds + 2
         assert theirs["messages_received"] == mine["messages_sent"] == 1 + rounds + 1
         assert theirs["sent_bytes"] == mine["received_bytes"] and theirs["received_bytes"] == mine["sent_bytes"]
         assert entry["absent"] == 0 and report["rounds"] == rounds
