@@ -210,11 +210,21 @@ def v4_3pc(c1: Compressor, c2: Compressor) -> ThreePointFn:
     return c3pc
 
 
-def v5_3pc(c: Compressor, p: float, dtype: str) -> ThreePointFn:
-    """3PCv5: x with probability p, else h + C(x - y); one flag bit says which."""
+V5_COIN = 0xC055  # tag of 3PCv5's shared coin in the round's shared randomness
+
+
+def v5_3pc(c: Compressor, p: float, dtype: str, shared_coin: bool = False) -> ThreePointFn:
+    """3PCv5: x with probability p, else h + C(x - y); one flag bit says which.
+
+    The coin is each worker's own (from its private rng), or with `shared_coin` one coin per
+    round for every worker (from the round's shared randomness), as the authors' code draws
+    it: then in a round either every worker sends x or none does. The 3PC inequality holds
+    per worker either way (each worker's coin is Bernoulli(p)), so A and B are the same.
+    """
 
     def c3pc(h: np.ndarray, y: np.ndarray, x: np.ndarray, r: Randomness) -> Message:
-        if r.rng.random() < p:
+        coin = r.shared(V5_COIN).random() if shared_coin else r.rng.random()
+        if coin < p:
             full = dense_message(x, dtype)
             return Message(full.mode, full.parts, 1)
         return Message(Mode.DELTA, (c.compress(x - y, r),), 1)

@@ -117,11 +117,14 @@ def _build_3pc(name: str, params: dict[str, Any], c: Compressor, dtype: str, d: 
         prob = number("p", c.density(d))
         if not 0 < prob <= 1:
             raise ConfigError(f"3pcv5: p must be in (0, 1], got {prob}")
+        shared_coin = take("shared_coin", False)
+        if not isinstance(shared_coin, bool):
+            raise ConfigError(f"method '3pcv5': shared_coin must be true or false, got {shared_coin!r}")
         alpha = m._alpha(c, d)
         a = 1 - math.sqrt(1 - prob)
         constants = m.Constants(a, (1 - prob) * (1 - alpha) / a)
         forms = frozenset({m.FULL, Form(Mode.DELTA, (c.emits,))})
-        result = ThreePoint(m.v5_3pc(c, prob, dtype), constants, False, True, forms)
+        result = ThreePoint(m.v5_3pc(c, prob, dtype, shared_coin), constants, False, True, forms)
     else:
         raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(THREE_POINT))}")
     if p:
@@ -140,7 +143,7 @@ THREE_POINT: dict[str, str] = {
     "3pcv2": "q={name=...}",
     "3pcv3": "inner={name=...}, c1={name=...}",
     "3pcv4": "c2={name=...}",
-    "3pcv5": "p=k/d",
+    "3pcv5": "p=k/d, shared_coin=false",
     "naive": "",
 }
 
@@ -156,7 +159,8 @@ CONSTANTS: dict[str, str] = {
     "3pcv2": "A = alpha, B = (1 - alpha) omega_q",
     "3pcv3": "A = 1 - (1 - alpha)(1 - A1), B = (1 - alpha) B1",
     "3pcv4": "as EF21 with abar = 1 - (1 - alpha1)(1 - alpha2)",
-    "3pcv5": "A = 1 - sqrt(1 - p), B = (1 - p)(1 - alpha) / (1 - sqrt(1 - p))",
+    "3pcv5": "A = 1 - sqrt(1 - p), B = (1 - p)(1 - alpha) / (1 - sqrt(1 - p)); "
+    "shared_coin = true: one coin per round for every worker (the authors' code), same A, B",
     "naive": "g_i = C(grad f_i), no error feedback: not a 3PC, can stall (stepsize as GD's)",
     "marina": "gamma = 1/(L_- + L_+ sqrt((1-p) omega / (p n))); AB form for PermK, CQ; "
     "iscc: 1/(L_- + L_w sqrt((omega + 1)(1-p)/p)), L_w = mean L_j at q_j ~ L_j",

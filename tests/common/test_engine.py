@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from threepc.common import bitpack, config, engine
+from threepc.common.errors import ConfigError
 from threepc.common.payloads import Mode, SparseVector
 
 
@@ -353,3 +354,49 @@ def test_in_two_threads_does_every_block_once_and_raises_what_a_block_raised() -
 
     with pytest.raises(ValueError, match="the last block"):
         engine.in_two_threads(fails_at_the_end, size)
+
+
+def v5_modes(shared_coin: bool | None) -> list[set[Mode]]:
+    """Per round after round 0, the set of message modes 3PCv5's workers sent (REPLACE: the
+    coin came up and x went dense; DELTA: h + C(x - y))."""
+    method: dict[str, object] = {"name": "3pcv5", "p": 0.4}
+    if shared_coin is not None:
+        method["shared_coin"] = shared_coin
+    cfg = small(rounds=30, workers=4, method=method)
+    p = engine.plan(cfg)
+    full = engine.load_data(cfg)
+    nodes = [engine.WorkerNode(cfg, i, engine.local_problem(cfg, engine.load_shard(cfg, i, full), i)) for i in range(4)]
+    agg = engine.Aggregator(p)
+    modes = []
+    for t in range(cfg.rounds):
+        sent = set()
+        for node in nodes:
+            message, diag = node.round(t, agg.x)
+            sent.add(message.mode)
+            agg.apply(node.worker_id, message, diag)
+        agg.finish_round()
+        if t > 0:
+            modes.append(sent)
+    return modes
+
+
+def test_3pcv5_shared_coin_is_one_coin_per_round_for_every_worker() -> None:
+    """shared_coin = true (the authors' code): in each round every worker sends x, or none does;
+    the default (a coin per worker) mixes the two forms in some round."""
+    shared = v5_modes(True)
+    assert all(len(sent) == 1 for sent in shared)
+    assert {Mode.REPLACE} in shared and {Mode.DELTA} in shared  # the coin does come up both ways
+    assert any(len(sent) == 2 for sent in v5_modes(None))
+    assert v5_modes(False) == v5_modes(None)
+
+
+def test_3pcv5_shared_coin_keeps_the_theory_stepsize() -> None:
+    """The 3PC inequality is per worker, and each worker's coin is Bernoulli(p) either way."""
+    method = {"name": "3pcv5", "p": 0.4}
+    assert engine.plan(small(method={**method, "shared_coin": True})).gamma == engine.plan(small(method=method)).gamma
+
+
+@pytest.mark.parametrize("value", ["yes", 1, 0.5])
+def test_3pcv5_shared_coin_must_be_a_boolean(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"^method '3pcv5': shared_coin must be true or false, got "):
+        engine.plan(small(method={"name": "3pcv5", "shared_coin": value}))

@@ -51,6 +51,37 @@ def test_distributed_run_equals_in_process_and_both_meters_agree(small_config: P
     assert last["diag_bytes_up"] == sum(w["worker_meter"]["sent_bytes"]["diagnostics"] for w in workers)
 
 
+def test_3pcv5_with_a_shared_coin_over_grpc_equals_in_process(tmp_path: Path) -> None:
+    """The shared coin comes from the round's shared seed, which each worker process derives
+    alike: the distributed run is the in-process one, bit for bit."""
+    text = """
+workers = 3
+rounds = 25
+seed = 3
+method = { name = "3pcv5", p = 0.3, shared_coin = true }
+[compressor]
+name = "top_k"
+k = 2
+[data]
+dataset = "synthetic"
+rows = 150
+dim = 20
+"""
+    dist, local = run_both(write_config(tmp_path / "v5.toml", text), tmp_path)
+    d_rows, l_rows = read_rows(dist), read_rows(local)
+    assert len(d_rows) == len(l_rows) == 25
+    assert figures(d_rows) == [r["grad_norm_sq"] for r in l_rows]
+    assert [r["bits_up_per_worker"] for r in d_rows] == [r["bits_up_per_worker"] for r in l_rows]
+    x_shared = np.load(dist / "x_final.npy")
+    assert np.array_equal(x_shared, np.load(local / "x_final.npy"))
+    # ... and the key is not ignored: a coin per worker is another run.
+    own = tmp_path / "own"
+    config = write_config(tmp_path / "v5_own.toml", text.replace(", shared_coin = true", ""))
+    r = threepc("run", str(config), "--out", str(own), "--in-process", "-q")
+    assert r.returncode == 0, r.stderr
+    assert not np.array_equal(x_shared, np.load(own / "x_final.npy"))
+
+
 def test_messages_larger_than_a_chunk_travel_in_chunks(tmp_path: Path) -> None:
     config = write_config(
         tmp_path / "gd.toml",
