@@ -109,7 +109,7 @@ class RunConfig(_Frozen):
 
     workers: int = Field(4, ge=1, description="number of workers n")
     rounds: int = Field(300, ge=0, description="rounds after round 0")
-    seed: int = Field(0, ge=0, description="seed of x^0 and of every random choice")
+    seed: int = Field(0, ge=0, description="seed of every random choice, and of x^0 unless x0_seed is given")
     method: Component = Component(name="ef21")
     compressor: Component = Component(name="top_k", k=1)  # type: ignore[call-arg]
     problem: Component = Component(name="logreg_nonconvex", lam=0.1)  # type: ignore[call-arg]
@@ -120,7 +120,16 @@ class RunConfig(_Frozen):
     wire: WireConfig = WireConfig()
     stepsize: float | Literal["theory"] = Field("theory", description="gamma, or the theory's")
     stepsize_multiplier: float = Field(1.0, gt=0, description="scales gamma, as the papers' sweeps")
-    x0: str = Field("normal", description="'normal' (N(0, I) from the seed), 'zeros', 'problem' (its own start), or a .npy path")
+    x0: str = Field(
+        "normal", description="'normal' (N(0, I) from x0_seed), 'zeros', 'problem' (its own start), or a .npy path"
+    )
+    x0_seed: int | None = Field(
+        None,
+        ge=0,
+        strict=True,  # x0_seed = "7" or 2.0 is refused, not read as 7 or 2
+        description="seed of x^0 alone ('normal', 'problem'): fixed, a sweep over `seed` keeps x^0, as the "
+        "papers do; default: `seed`",
+    )
     init: Literal["full", "compressed"] = Field("full", description="g_i^0 = grad f_i(x^0) or C of it")
     diagnostics_every: int = Field(
         1, ge=0, description="rounds between loss/||grad f||^2 figures, and the last round; 0: none (benchmarks)"

@@ -89,16 +89,18 @@ def _usable_cores() -> int:
 
 
 def initial_iterate(config: RunConfig, d: int, whole: Problem | None = None) -> np.ndarray:
-    """x^0: N(0, I) drawn as numpy.random.default_rng(seed).normal(0, 1, d), zeros, the
-    problem's own start ("problem": the papers' quadratic start, torch's initialization), or a .npy."""
+    """x^0: N(0, I) drawn as numpy.random.default_rng(s).normal(0, 1, d), zeros, the
+    problem's own start ("problem": the papers' quadratic start, torch's initialization, drawn
+    from s), or a .npy; s = x0_seed, else the run's seed (so that a sweep over seeds can keep x^0)."""
     dtype = np.dtype(config.wire.iterate_dtype)
+    seed = config.seed if config.x0_seed is None else config.x0_seed
     if config.x0 == "problem":
         start = getattr(whole, "initial_point", None)
         if start is None:
             raise ConfigError(f"x0 = 'problem': {config.problem.name} has no initial point of its own")
-        return np.asarray(start(config.seed), dtype=np.float64).astype(dtype)
+        return np.asarray(start(seed), dtype=np.float64).astype(dtype)
     if config.x0 == "normal":
-        return np.random.default_rng(config.seed).normal(0.0, 1.0, d).astype(dtype)
+        return np.random.default_rng(seed).normal(0.0, 1.0, d).astype(dtype)
     if config.x0 == "zeros":
         return np.zeros(d, dtype)
     path = Path(config.x0)

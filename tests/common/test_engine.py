@@ -400,3 +400,21 @@ def test_3pcv5_shared_coin_keeps_the_theory_stepsize() -> None:
 def test_3pcv5_shared_coin_must_be_a_boolean(value: object) -> None:
     with pytest.raises(ConfigError, match=r"^method '3pcv5': shared_coin must be true or false, got "):
         engine.plan(small(method={"name": "3pcv5", "shared_coin": value}))
+
+
+def test_x0_seed_pins_x0_apart_from_the_seed() -> None:
+    """A sweep over seeds with x0_seed fixed keeps x^0 (as the papers' sweeps do), while the
+    other random choices still follow the seed; without it x^0 follows the seed, as before."""
+    a, b = engine.plan(small(seed=1, x0_seed=5)), engine.plan(small(seed=2, x0_seed=5))
+    assert np.array_equal(a.x0, b.x0)
+    assert np.array_equal(a.x0, np.random.default_rng(5).normal(0.0, 1.0, a.dim))
+    one, two = engine.plan(small(seed=1)), engine.plan(small(seed=2))
+    assert not np.array_equal(one.x0, two.x0)
+    assert np.array_equal(one.x0, np.random.default_rng(1).normal(0.0, 1.0, one.dim))
+    assert np.array_equal(one.x0, engine.plan(small(seed=1, x0_seed=1)).x0)
+
+
+@pytest.mark.parametrize("value", [-1, "7", 2.5])
+def test_x0_seed_must_be_a_nonnegative_integer(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"^config: x0_seed: Input should be "):
+        small(x0_seed=value)
