@@ -56,7 +56,10 @@ class Component(BaseModel):
 class DataConfig(_Frozen):
     """Which data the workers train on and how it is split."""
 
-    dataset: str = Field("a9a", description="LibSVM file path, a name in the data dirs, or 'synthetic'")
+    dataset: str = Field(
+        "a9a",
+        description="LibSVM file path, a name in the data dirs, 'synthetic', or a set scikit-learn ships ('breast_cancer')",
+    )
     data_dir: str | None = Field(None, description="extra folder to look for named data sets in")
     split: Literal["contiguous", "label_sorted"] = "contiguous"
     rows: int | None = Field(None, ge=1, description="rows of the synthetic set")

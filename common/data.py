@@ -1,6 +1,7 @@
 """Data sets: LibSVM files, synthetic sets, and the split across workers.
 
-A data set is found by path, or by name in the data directories (the config's `data_dir`, then
+A data set is found by path, by name among the sets scikit-learn ships (`SKLEARN_SETS`:
+"breast_cancer"), or by name in the data directories (the config's `data_dir`, then
 `$THREEPC_DATA_DIR`, then `shared/data` beside the project). LibSVM files are read with
 scikit-learn's `load_svmlight_file` (bz2 included) and cached parsed. Labels are mapped smallest -> -1, largest -> +1
 (ALGORITHMS.md section 6). A named data set that is not found is an error naming every place
@@ -43,6 +44,13 @@ KNOWN_SHAPES: dict[str, tuple[int, int]] = {
     "splice": (1000, 60),
     "madelon": (2000, 500),
     "ijcnn1": (49990, 22),
+    "breast_cancer": (569, 30),  # scikit-learn's copy (SKLEARN_SETS), never a file
+}
+
+# Sets the papers use that scikit-learn ships inside its package (no download): name -> the
+# loader in sklearn.datasets. Found by name before any file, like "synthetic".
+SKLEARN_SETS: dict[str, str] = {
+    "breast_cancer": "load_breast_cancer",  # Wisconsin diagnostic (WDBC): 0 malignant, 1 benign
 }
 
 SYNTHETIC = "synthetic"
@@ -154,6 +162,8 @@ def load(
     """
     if name == SYNTHETIC:
         return dataclasses.replace(synthetic(rows or 1000, dim or 20, seed), fallback=fallback)
+    if name in SKLEARN_SETS:
+        return dataclasses.replace(from_sklearn(name, dim), fallback=fallback)
     path = find_file(name, data_dir)
     base = Path(name).name.removesuffix(".bz2")
     if path is None:
@@ -172,6 +182,29 @@ def load(
         stand_in = synthetic(known_rows, dim or known_dim, seed, name=f"{base} (synthetic stand-in)")
         return dataclasses.replace(stand_in, stand_in=True, fallback=fallback)
     return dataclasses.replace(read_libsvm(path, dim or KNOWN_SHAPES.get(base, (0, None))[1]), fallback=fallback)
+
+
+def from_sklearn(name: str, dim: int | None = None) -> Dataset:
+    """A set scikit-learn ships (SKLEARN_SETS), as its loader returns it (features unscaled),
+    labels mapped smallest -> -1, largest -> +1 as the LibSVM sets' (breast_cancer: malignant
+    -1, benign +1); `dim` wider than the set pads zero columns, as for a LibSVM file."""
+    import sklearn
+    from sklearn import datasets
+
+    loader = SKLEARN_SETS[name]
+    bunch = getattr(datasets, loader)()
+    raw = np.asarray(bunch.target)
+    classes = np.unique(raw)
+    if classes.size != 2:  # the sets listed are binary; a new entry that is not is a bug here
+        raise DataError(f"{name}: expected two label values, found {classes.size}")
+    features = sp.csr_matrix(np.asarray(bunch.data, dtype=np.float64))
+    width = int(features.shape[1])
+    if dim is not None and dim != width:
+        if dim < width:
+            raise DataError(f"{name} has {width} features; data.dim = {dim} is narrower")
+        features = sp.csr_matrix((features.data, features.indices, features.indptr), shape=(features.shape[0], dim))
+    labels = np.where(raw == classes[1], 1.0, -1.0)
+    return Dataset(features, labels, name, f"sklearn.datasets.{loader} (scikit-learn {sklearn.__version__})")
 
 
 def read_libsvm(path: Path, n_features: int | None = None) -> Dataset:

@@ -199,3 +199,20 @@ def test_the_plan_says_stand_in_and_its_workers_fall_back_only_where_it_did(tmp_
     (tmp_path / "a9a").unlink()
     with pytest.raises(DataError, match="not found"):
         engine.load_data(found.resolved)
+
+
+def test_breast_cancer_is_scikit_learns_copy_with_labels_minus_one_plus_one() -> None:
+    """The papers' breast cancer set by name, from the scikit-learn package (no file, no download)."""
+    from sklearn.datasets import load_breast_cancer
+
+    ds = data.load("breast_cancer", data_dir="/nonexistent")
+    assert (ds.rows, ds.dim) == (569, 30) == data.KNOWN_SHAPES["breast_cancer"]
+    assert set(np.unique(ds.labels)) == {-1.0, 1.0}
+    shipped = load_breast_cancer()
+    assert np.array_equal(ds.features.toarray(), shipped.data)
+    assert np.array_equal(ds.labels, np.where(shipped.target == 1, 1.0, -1.0))  # benign +1
+    assert ds.source.startswith("sklearn.datasets.load_breast_cancer (scikit-learn ")
+    assert not ds.synthetic and not ds.stand_in
+    assert data.load("breast_cancer", dim=40).dim == 40  # padded, as a LibSVM file read wider
+    with pytest.raises(DataError, match="^breast_cancer has 30 features; data.dim = 10 is narrower$"):
+        data.load("breast_cancer", dim=10)

@@ -125,3 +125,30 @@ def test_a_workers_data_is_checked_when_it_joins(tmp_path: Path, coordinator: tu
     assert worker["data"]["matches_coordinator"] is False
     assert worker["data"]["shard_hash"] != summary["data"]["shard_hashes"][0]
     assert (worker["data"]["rows"], worker["data"]["dimension"]) == (40, 123)
+
+
+def test_breast_cancer_trains_by_name_with_no_file(tmp_path: Path) -> None:
+    """`dataset = "breast_cancer"` is scikit-learn's copy (no data folder, no download), and the
+    summary says so."""
+    config = write_config(
+        tmp_path / "bc.toml",
+        """
+workers = 4
+rounds = 30
+x0 = "zeros"
+[compressor]
+name = "top_k"
+k = 3
+[data]
+dataset = "breast_cancer"
+data_dir = "/nonexistent"
+""",
+    )
+    out = tmp_path / "out"
+    r = threepc("run", str(config), "--out", str(out), "--in-process", "-q", env={"THREEPC_DATA_DIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    rows = read_rows(out)
+    assert len(rows) == 30 and rows[-1]["grad_norm_sq"] < rows[0]["grad_norm_sq"] / 5
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["plan"]["dim"] == 30
+    assert summary["plan"]["data"].startswith("sklearn.datasets.load_breast_cancer (scikit-learn ")
