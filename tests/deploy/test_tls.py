@@ -131,10 +131,14 @@ def test_a_certificate_for_another_host_is_one_line_naming_the_subject_alt_name(
     # The Kubernetes name, dialed as localhost: the CA is right, the name is not.
     tls = certificates(tmp_path, "threepc-coordinator")
     config = write_config(tmp_path / "c.toml", CONFIG)
-    port = free_port()
+    port, health_port = free_port(), free_port()
     log = tmp_path / "serve.log"
-    server = serve_tls(config, tmp_path / "out", port, tls, log)
+    server = serve_tls(config, tmp_path / "out", port, tls, log,
+                       env={"THREEPC_HEALTH_LISTEN": f"127.0.0.1:{health_port}"})
     try:
+        # Listening before the workers dial, however slow the machine: their one line is then
+        # the handshake's, never the connect timeout's.
+        wait_serving(f"127.0.0.1:{health_port}", server, log)
         by_name = threepc(
             "worker",
             "-c",
